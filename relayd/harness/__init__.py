@@ -1,0 +1,1 @@
+"""The Harness Feature Flags protocol family."""

@@ -1,0 +1,1 @@
+"""The LaunchDarkly protocol family."""
