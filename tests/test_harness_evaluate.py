@@ -240,7 +240,7 @@ def test_equal_fold_unicode():
     assert not matches(clause("s", "equal", "STRASSE"), t)  # simple folding only, like EqualFold
 
 
-def test_match_regex_is_cached(monkeypatch):
+def test_match_regex_is_cached():
     ev._compile.cache_clear()
     for _ in range(5):
         assert matches(clause("identifier", "match", "^user-[0-9]+$"), T)
