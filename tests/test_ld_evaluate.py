@@ -688,3 +688,94 @@ def test_evaluate_all_prerequisites_use_whole_store_even_when_filtered():
              "c": flag(key="c", clientSide=True, prerequisites=[{"key": "p", "variation": 1}])}
     out = evaluate_all(USER, flags, {}, client_side="js")
     assert out == {"c": {"value": "fall", "variation": 1, "version": 1, "prerequisites": ["p"]}}
+
+
+# -- differential check against the Python server SDK's evaluator ----------------------------------------------
+def test_agrees_with_python_sdk_on_generated_flags():
+    """Random flags/segments evaluated by us and by launchdarkly-server-sdk must agree.
+
+    Generated contexts always carry the ``user`` kind and rollouts bucket by ``user``: where a context lacks
+    the rollout kind the Python SDK (bucket -1) deviates from Go (bucket 0, segment rule non-match), and we
+    follow Go (covered by the dedicated tests above).
+    """
+    import logging
+    import random
+
+    pytest.importorskip("ldclient")
+    from ldclient.context import Context as SDKContext
+    from ldclient.impl.evaluator import Evaluator
+    from ldclient.impl.events.types import EventFactory
+    from ldclient.impl.model import FeatureFlag, Segment
+
+    rnd = random.Random(20240611)
+    attrs = ["key", "name", "email", "age", "groups", "ver", "when", "/obj/x", "kind"]
+    ops = ["in", "startsWith", "endsWith", "contains", "matches", "lessThan", "greaterThanOrEqual", "before",
+           "after", "semVerEqual", "semVerLessThan", "semVerGreaterThan", "segmentMatch", "bogus"]
+    values = ["u1", "u2", "a", "@x.com", "^u", ".*", "1.2.3", "1.2", "2", 5, 5.0, 30, "2020-01-01T00:00:00Z",
+              1577836800000, True, "org", "user", ["a"]]
+
+    def rclause():
+        c = {"attribute": rnd.choice(attrs), "op": rnd.choice(ops), "values": rnd.sample(values, rnd.randint(0, 3)),
+             "negate": rnd.random() < 0.3}
+        if c["op"] == "segmentMatch":
+            c["values"] = rnd.sample(["s1", "s2", "s3"], rnd.randint(0, 2))
+        if rnd.random() < 0.3 or c["attribute"].startswith("/"):
+            c["contextKind"] = rnd.choice(["user", "org"]) if not c["attribute"].startswith("/") else "user"
+        return c
+
+    def rvr():
+        if rnd.random() < 0.4:
+            return {"variation": rnd.randint(0, 2)}
+        ro = {"variations": [{"variation": rnd.randint(0, 2), "weight": rnd.randint(0, 60000),
+                              "untracked": rnd.random() < 0.2} for _ in range(rnd.randint(1, 3))]}
+        if rnd.random() < 0.5:
+            ro["kind"] = "experiment"
+        if rnd.random() < 0.3:
+            ro["seed"] = rnd.randint(0, 100)
+        if rnd.random() < 0.3:
+            ro["bucketBy"] = rnd.choice(["age", "email", "name", "groups"])
+        return {"rollout": ro}
+
+    def rflag(k):
+        f = {"key": k, "version": 1, "on": rnd.random() < 0.9, "salt": "s" + k, "variations": ["a", "b", "c"],
+             "offVariation": rnd.choice([0, 1, None]), "fallthrough": rvr(),
+             "targets": [{"variation": 1, "values": ["u3"]}],
+             "contextTargets": [{"contextKind": "org", "variation": 2, "values": ["o1"]},
+                                {"contextKind": "user", "variation": 1, "values": []}] if rnd.random() < 0.3 else [],
+             "rules": [dict(rvr(), id="r%d" % i, trackEvents=False,
+                            clauses=[rclause() for _ in range(rnd.randint(0, 2))]) for i in range(rnd.randint(0, 3))]}
+        if rnd.random() < 0.3:
+            f["prerequisites"] = [{"key": rnd.choice(["f2", "f3", "zz"]), "variation": rnd.randint(0, 2)}]
+        return f
+
+    def rseg(k):
+        rule_ = {"id": "q", "clauses": [rclause() for _ in range(rnd.randint(0, 2))]}
+        if rnd.random() < 0.5:
+            rule_["weight"] = rnd.randint(0, 100000)
+        return {"key": k, "version": 1, "salt": "x", "included": ["u1"] if rnd.random() < 0.3 else [],
+                "excluded": ["u2"] if rnd.random() < 0.3 else [], "rules": [rule_]}
+
+    ctxs = [{"kind": "user", "key": k, "name": "N", "email": "u@x.com", "age": 30, "groups": ["a", "b"],
+             "ver": "1.2.3", "when": 1577836800001, "obj": {"x": "a"}} for k in ["u1", "u2", "u3", "u4"]]
+    ctxs.append({"kind": "multi", "user": {"key": "u1", "age": 5}, "org": {"key": "o1", "email": "o@x.com"}})
+    logging.disable(logging.CRITICAL)
+    try:
+        compared = 0
+        for _ in range(1500):
+            flags = {k: rflag(k) for k in ["f1", "f2", "f3"]}
+            segs = {k: rseg(k) for k in ["s1", "s2"]}
+            sdk_flags = {k: FeatureFlag(v) for k, v in flags.items()}
+            sdk_segs = {k: Segment(v) for k, v in segs.items()}
+            sdk = Evaluator(sdk_flags.get, sdk_segs.get, None)
+            for c in ctxs:
+                mine = evaluate(flags["f1"], parse_context(c), flags, segs)
+                theirs = sdk.evaluate(sdk_flags["f1"], SDKContext.from_dict(c), EventFactory(False)).detail
+                reason = dict(theirs.reason)
+                if reason.get("kind") == "RULE_MATCH" and not reason.get("ruleId"):
+                    reason.pop("ruleId", None)
+                assert (mine.value, mine.variation, mine.reason) == (theirs.value, theirs.variation_index, reason), \
+                    (flags, segs, c)
+                compared += 1
+        assert compared == 7500
+    finally:
+        logging.disable(logging.NOTSET)
