@@ -10,6 +10,7 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 
 from relayd import logs
+from relayd.admin import AdminAPI
 from relayd.config import Config
 from relayd.harness import offline as harness_offline
 from relayd.health import HealthAPI
@@ -66,4 +67,8 @@ def make_service(config: Config, reactor: Any) -> Relayd:
                       reactor, interval=config.relayd.offline_poll).setServiceParent(top)
     for description in config.relayd.listen:
         StreamServerEndpointService(serverFromString(reactor, description), site).setServiceParent(top)
+    if config.relayd.admin_listen:
+        admin = RelaydSite(AdminAPI(store, hub, reactor).resource(), clock=reactor, max_body=64 * 1024)
+        for description in config.relayd.admin_listen:
+            StreamServerEndpointService(serverFromString(reactor, description), admin).setServiceParent(top)
     return top

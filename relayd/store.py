@@ -117,6 +117,9 @@ class Environment:
         item = self._items.get(kind, {}).get(key)
         return None if item is None else item.data
 
+    def kinds(self) -> list[str]:
+        return list(self._items)
+
     def items(self, kind: str) -> Mapping[str, Item]:
         return self._items.get(kind, {})
 

@@ -10,7 +10,14 @@ import pytest
 
 from relayd.launchdarkly.contexts import parse_context
 from relayd.launchdarkly.evaluate import (
-    Detail, bucket, evaluate, evaluate_all, evalx_entry, is_experiment, parse_semver, parse_timestamp,
+    Detail,
+    bucket,
+    evaluate,
+    evaluate_all,
+    evalx_entry,
+    is_experiment,
+    parse_semver,
+    parse_timestamp,
 )
 
 USER = parse_context({"key": "userkey", "name": "Ann", "email": "ann@example.com", "custom": {
