@@ -22,8 +22,10 @@ from __future__ import annotations
 import codecs
 import random as _random
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol as _TypingProtocol
+from typing import Any, cast
+from typing import Protocol as _TypingProtocol
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.application.service import Service
@@ -35,16 +37,16 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 
 __all__ = [
-    "SSEEvent",
-    "EventParser",
-    "StreamError",
-    "SSEClient",
-    "backoff_delay",
-    "default_recoverable",
-    "NETWORK_ERROR",
     "ERROR_RESPONSE",
     "INVALID_DATA",
+    "NETWORK_ERROR",
     "UNKNOWN",
+    "EventParser",
+    "SSEClient",
+    "SSEEvent",
+    "StreamError",
+    "backoff_delay",
+    "default_recoverable",
 ]
 
 log = Logger()
@@ -147,12 +149,10 @@ class EventParser:
             self._data.append(value)
         elif name == "event":
             self._event_type = value
-        elif name == "id":
-            if "\0" not in value:
-                self._id_buffer = value
-        elif name == "retry":
-            if value.isascii() and value.isdigit():
-                self.retry = self._retry_pending = int(value)
+        elif name == "id" and "\0" not in value:
+            self._id_buffer = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self.retry = self._retry_pending = int(value)
         # other field names are ignored, as the spec says
 
     def _dispatch(self, events: list[SSEEvent]) -> None:
@@ -388,8 +388,9 @@ class SSEClient(Service):
             from twisted.web.client import Agent, HTTPConnectionPool
 
             self._pool = HTTPConnectionPool(clock, persistent=False)
-            http = HTTPClient(Agent(clock, pool=self._pool, connectTimeout=connect_timeout))
-        self._http = http
+            agent = Agent(clock, pool=self._pool, connectTimeout=connect_timeout)  # type: ignore[arg-type]
+            http = cast(HTTPClientLike, HTTPClient(agent))  # type: ignore[arg-type]
+        self._http: HTTPClientLike = http
         self._read_timeout = read_timeout
         self._initial_delay = initial_delay
         self._max_delay = max_delay
@@ -479,7 +480,7 @@ class SSEClient(Service):
     def _safe_url(self) -> str:
         try:
             return _safe_url(self._url() if callable(self._url) else self._url)
-        except Exception:
+        except Exception:  # noqa: BLE001 (callbacks must not kill the loop)
             return "<url callable failed>"
 
     def _cancel_retry(self) -> None:
@@ -500,7 +501,7 @@ class SSEClient(Service):
                 headers["Last-Event-ID"] = self._last_event_id
             log.debug("connecting to {url}", url=_safe_url(url))
             d = self._http.get(url, headers=headers, unbuffered=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (callbacks must not kill the loop)
             log.failure("building the stream request failed")
             self._failed(attempt, StreamError(UNKNOWN, f"request failed: {type(e).__name__}"))
             return
@@ -548,7 +549,7 @@ class SSEClient(Service):
             )
             return
         ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        if not ctype.split(b";")[0].strip().lower() == b"text/event-stream":
+        if ctype.split(b";")[0].strip().lower() != b"text/event-stream":
             self._discard(response)
             self._failed(
                 attempt,
@@ -566,7 +567,7 @@ class SSEClient(Service):
         self._bodies.add(body)
         try:
             self._on_connect()
-        except Exception:
+        except Exception:  # noqa: BLE001 (callbacks must not kill the loop)
             log.failure("on_connect raised")
         # If on_connect stopped or restarted us, the body still attaches and its
         # connectionMade aborts the connection.
@@ -617,7 +618,7 @@ class SSEClient(Service):
                 if attempt is self._current:
                     self._abort(attempt, e)
                 return
-            except Exception:
+            except Exception:  # noqa: BLE001 (callbacks must not kill the loop)
                 log.failure("on_event raised; event {event!r} dropped", event=event.event)
             if attempt is not self._current:
                 return  # stopped or restarted from inside on_event
@@ -651,7 +652,7 @@ class SSEClient(Service):
         self._good_since = None
         try:
             self._on_error(error)
-        except Exception:
+        except Exception:  # noqa: BLE001 (callbacks must not kill the loop)
             log.failure("on_error raised")
         if not self.running or self._current is not None or self._retry_call is not None:
             return  # on_error stopped or restarted us
@@ -664,7 +665,7 @@ class SSEClient(Service):
             return
         delay = self.next_delay()
         self._retry_count += 1
-        log.warn(
+        log.warn(  # noqa: G010 (twisted.logger has no .warning)
             "stream from {url} failed ({error}); reconnecting in {delay:.2f}s",
             url=self._safe_url(),
             error=error.message,

@@ -3,13 +3,16 @@ with a fake treq, and the real thing against a loopback twisted.web server."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import itertools
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error as ierror, task
+from twisted.internet import error as ierror
+from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredQueue
-from twisted.logger import globalLogPublisher, formatEvent
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
@@ -287,7 +290,7 @@ def test_backoff_schedule_on_repeated_connect_failures():
         h.last.refuse()
         h.clock.advance(h.clock.getDelayedCalls()[0].getTime() - h.clock.seconds())
     times = [c.when for c in h.http.calls]
-    assert [b - a for a, b in zip(times, times[1:])] == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert [b - a for a, b in itertools.pairwise(times)] == [1, 2, 4, 8, 16, 30, 30, 30]
     assert all(e.kind == NETWORK_ERROR and e.recoverable for e in h.errors)
     assert len(h.errors) == 8
 
@@ -300,7 +303,7 @@ def test_backoff_jitter_subtracts():
         (call,) = h.clock.getDelayedCalls()
         h.clock.advance(call.getTime() - h.clock.seconds())
     times = [c.when for c in h.http.calls]
-    assert [b - a for a, b in zip(times, times[1:])] == [0.75, 1.5, 3.0]
+    assert [b - a for a, b in itertools.pairwise(times)] == [0.75, 1.5, 3.0]
 
 
 @pytest.mark.parametrize("good_for,expected", [(59.0, 8.0), (60.0, 1.0)])
@@ -566,10 +569,10 @@ def test_secrets_never_logged():
 # Real loopback server
 
 
-from twisted.internet import reactor, tcp  # noqa: E402
-from twisted.internet.endpoints import TCP4ServerEndpoint  # noqa: E402
-from twisted.web.resource import Resource  # noqa: E402
-from twisted.web.server import NOT_DONE_YET, Site  # noqa: E402
+from twisted.internet import reactor, tcp
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 
 Handler = Callable[[Any], Any]
 
