@@ -17,6 +17,7 @@ from relayd.health import HealthAPI
 from relayd.launchdarkly import offline as ld_offline
 from relayd.logs import Logger
 from relayd.offline import OfflineSource
+from relayd.reload import ReloadOnHUP
 from relayd.snapshot import SnapshotService
 from relayd.sse import SSEHub
 from relayd.store import Store
@@ -85,6 +86,8 @@ def make_service(config: Config, reactor: Any) -> Relayd:
         OfflineSource(store, config.relayd.offline_dir,
                       {"harness": harness_offline.read, "launchdarkly": ld_offline.read},
                       reactor, interval=config.relayd.offline_poll).setServiceParent(top)
+    if config.path is not None:
+        ReloadOnHUP(config.path, config, hub, reactor).setServiceParent(top)
     for description in config.relayd.listen:
         StreamServerEndpointService(serverFromString(reactor, description), site).setServiceParent(top)
     if config.relayd.admin_listen:
