@@ -555,3 +555,24 @@ def test_expiring_sdk_key_is_accepted_and_shown_obscured(relay: Relay) -> None:
     entry = status["environments"][LD_ENV_ID]
     assert entry["expiringSdkKey"] == "sdk-********-****-****-****-*******0abcd"
     assert old not in json.dumps(status)
+
+
+def test_make_service_registers_the_routes_and_configured_environments() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from relayd.config import Config, LaunchDarklyConfig, LaunchDarklyEnvConfig, RelaydConfig
+    from relayd.service import make_service
+
+    cfg = Config(relayd=RelaydConfig(listen=()), launchdarkly=LaunchDarklyConfig(environments=(
+        LaunchDarklyEnvConfig(name="Production", sdk_key="sdk-prod", env_id="e1", allowed_origin=("https://a",),
+                              client_stream="ping"),)))
+    top = make_service(cfg, MemoryReactorClock())
+    env = top.store.environment("launchdarkly", "Production")
+    assert env is not None and not env.initialized and env.status.state == "INITIALIZING"
+    assert env.meta["client_stream"] == "ping" and env.meta["allowed_origin"] == ("https://a",)
+    stub = StubTreq(top.site.resource)
+    out: list[Any] = []
+    stub.get(f"http://relay/sdk/evalx/contexts/{b64(ALICE)}", headers={"Authorization": "sdk-prod"}).addCallback(
+        lambda r: r.content().addCallback(lambda b: out.append((r.code, json.loads(b)))))
+    stub.flush()
+    assert out == [(503, {"message": "Service not initialized"})]

@@ -189,8 +189,10 @@ class Streams:
             if self._put_revision.get(env.id) == env.revision:
                 return
             self._put_revision[env.id] = env.revision
-            self.hub.publish(("ld-all", env.id), all_put_frame(env))
-            self.hub.publish(("ld-flags", env.id), flags_put_frame(env))
+            if self.hub.count(("ld-all", env.id)):  # a big data set is not serialized for nobody
+                self.hub.publish(("ld-all", env.id), all_put_frame(env))
+            if self.hub.count(("ld-flags", env.id)):
+                self.hub.publish(("ld-flags", env.id), flags_put_frame(env))
             return
         for item in change.items:
             if item.kind not in ("flags", "segments"):
