@@ -7,8 +7,9 @@ import gzip
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pytest
 import treq
@@ -208,7 +209,7 @@ def test_unknown_or_wrong_kind_of_key_is_401_with_message(relay: Relay) -> None:
                           (f"/sdk/evalx/contexts/{b64(ALICE)}", MOB),
                           (f"/msdk/evalx/contexts/{b64(ALICE)}", SDK),
                           ("/all", MOB), ("/bulk", MOB)):
-        code, headers_out, body = relay.call("POST" if path == "/bulk" else "GET", path, headers)
+        code, _, body = relay.call("POST" if path == "/bulk" else "GET", path, headers)
         assert code == 401, path
         assert body == b"Relay Proxy does not recognize the client credential (missing or invalid Authorization " \
                        b"header)"
@@ -560,7 +561,12 @@ def test_expiring_sdk_key_is_accepted_and_shown_obscured(relay: Relay) -> None:
 def test_make_service_registers_the_routes_and_configured_environments() -> None:
     from twisted.internet.testing import MemoryReactorClock
 
-    from relayd.config import Config, LaunchDarklyConfig, LaunchDarklyEnvConfig, RelaydConfig
+    from relayd.config import (
+        Config,
+        LaunchDarklyConfig,
+        LaunchDarklyEnvConfig,
+        RelaydConfig,
+    )
     from relayd.service import make_service
 
     cfg = Config(relayd=RelaydConfig(listen=()), launchdarkly=LaunchDarklyConfig(environments=(

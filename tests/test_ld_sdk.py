@@ -9,13 +9,14 @@ import base64
 import json
 import time
 import urllib.request
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any, Callable, Generator
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from relayd.launchdarkly import offline as ld_offline
@@ -28,9 +29,9 @@ from relayd.web import RelaydSite, build_router
 from .conftest import LD_ENV_ID, LD_SDK_KEY
 
 ldclient = pytest.importorskip("ldclient")
-from ldclient import Context  # noqa: E402
-from ldclient.client import LDClient  # noqa: E402
-from ldclient.config import Config  # noqa: E402
+from ldclient import Context
+from ldclient.client import LDClient
+from ldclient.config import Config
 
 CONTEXTS = [
     {"kind": "user", "key": "alice"},

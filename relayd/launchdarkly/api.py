@@ -13,8 +13,9 @@ import hashlib
 import hmac
 import json
 import zlib
+from collections.abc import Callable, Mapping
 from email.utils import formatdate
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -23,7 +24,12 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from relayd.config import LaunchDarklyConfig
-from relayd.launchdarkly.contexts import Context, ContextError, parse_context, secure_mode_hash
+from relayd.launchdarkly.contexts import (
+    Context,
+    ContextError,
+    parse_context,
+    secure_mode_hash,
+)
 from relayd.launchdarkly.evaluate import evaluate_all
 from relayd.launchdarkly.events import EventSink
 from relayd.launchdarkly.model import canonical_flag, canonical_segment, is_deleted
@@ -186,7 +192,7 @@ def _php_flags(env: Environment) -> tuple[bytes, str]:
     body = json_bytes({k: canonical_flag(v) for k, v in flags.items()})
     digest = hashlib.sha1(usedforsecurity=False)
     for key in sorted(flags):
-        digest.update(f"{key}:{flags[key].get('version', 0)}".encode("utf-8"))
+        digest.update(f"{key}:{flags[key].get('version', 0)}".encode())
     return body, "relay-" + digest.hexdigest()[:15]
 
 
@@ -235,8 +241,7 @@ class LaunchDarklyAPI:
         if request.method == b"OPTIONS":
             raise HTTPError(405, {"message": "Method Not Allowed", "code": 405})
         value = header(request, "authorization") or ""
-        if value.startswith("api_key "):
-            value = value[len("api_key "):]
+        value = value.removeprefix("api_key ")
         value = value.strip()
         if not value or " " in value:
             raise HTTPError(401)

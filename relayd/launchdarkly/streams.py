@@ -10,8 +10,9 @@ with ``client_stream = ping`` (and ``/ping``, ``/mping``) get ld-relay's ping-on
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
