@@ -582,3 +582,11 @@ def test_make_service_registers_the_routes_and_configured_environments() -> None
         lambda r: r.content().addCallback(lambda b: out.append((r.code, json.loads(b)))))
     stub.flush()
     assert out == [(503, {"message": "Service not initialized"})]
+
+
+def test_environment_whose_key_upstream_refused_is_unknown(relay: Relay) -> None:
+    relay.env.set_status("OFF", error_kind="ERROR_RESPONSE")
+    assert relay.call("GET", f"/sdk/evalx/contexts/{b64(ALICE)}", SDK)[0] == 401
+    assert relay.call("GET", f"/sdk/evalx/{LD_ENV_ID}/contexts/{b64(ALICE)}")[0] == 404
+    relay.env.set_status("VALID")
+    assert relay.call("GET", f"/sdk/evalx/contexts/{b64(ALICE)}", SDK)[0] == 200

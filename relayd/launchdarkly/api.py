@@ -36,7 +36,7 @@ from relayd.launchdarkly.model import canonical_flag, canonical_segment, is_dele
 from relayd.launchdarkly.streams import FAMILY, Streams, live
 from relayd.logs import Logger
 from relayd.sse import SSEHub
-from relayd.store import Change, Environment, Store
+from relayd.store import OFF, Change, Environment, Store
 from relayd.web import JSON, HTTPError, json_bytes, render_error, respond_json
 
 log = Logger()
@@ -81,6 +81,8 @@ class Credentials:
             mobile: dict[str, Environment] = {}
             env_ids: dict[str, Environment] = {}
             for env in self.store.environments(FAMILY):
+                if env.status.state == OFF:  # upstream refused its key (401/403): ld-relay answers 401/404
+                    continue
                 for key in (env.meta.get("sdk_key"), env.meta.get("expiring_sdk_key")):
                     if key:
                         sdk[key] = env
