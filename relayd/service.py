@@ -73,6 +73,13 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     hub = SSEHub(reactor, heartbeat=config.relayd.heartbeat, max_backlog=config.relayd.sse_buffer)
     health = HealthAPI(store, reactor, config.launchdarkly.disconnected_status_time)
     apps: list[tuple[tuple[str, ...], Any]] = [(health.segments, health.resource())]
+    # LaunchDarkly SDK routes; events are discarded until the upstream forwarder replaces this sink.
+    from relayd.launchdarkly.api import LaunchDarklyAPI, configured_environments
+    from relayd.launchdarkly.events import DiscardEvents
+    launchdarkly = LaunchDarklyAPI(store, hub, reactor, DiscardEvents(), offline=config.offline,
+                                   max_event_body=config.relayd.max_body)
+    configured_environments(store, config.launchdarkly)
+    apps.append((launchdarkly.segments, launchdarkly.resource()))
     site = RelaydSite(build_router(apps), clock=reactor, max_body=config.relayd.max_body)
 
     top = Relayd(config, store, hub, site)
