@@ -51,7 +51,7 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 def configured(config: Config) -> Callable[[dict[str, Any]], bool]:
     """Which snapshots still belong to this configuration (an environment removed from it stays gone)."""
-    ld_ids = {env.env_id or env.name for env in config.launchdarkly.environments}
+    ld_ids = {env.name for env in config.launchdarkly.environments}  # store id of a configured environment
     harness_keys = set(config.harness.api_keys) if config.harness is not None else set()
 
     def wanted(doc: dict[str, Any]) -> bool:

@@ -38,7 +38,7 @@ def test_only_configured_environments_come_back() -> None:
     config = loads('[relayd]\nauth_secret = s\n[harness]\naccount = a\norg = o\nadmin_token = t\napi_keys = k2\n'
                    '[launchdarkly "Prod"]\nsdk_key = sdk-1\nenv_id = abc\n')
     wanted = configured(config)
-    assert wanted({"family": "launchdarkly", "id": "abc"})
+    assert wanted({"family": "launchdarkly", "id": "Prod"})
     assert not wanted({"family": "launchdarkly", "id": "old"})
     assert wanted({"family": "harness", "id": "x", "meta": {"api_keys": ["k2"]}})
     assert not wanted({"family": "harness", "id": "x", "meta": {"api_keys": ["k1"]}})
