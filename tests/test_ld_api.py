@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from relayd.health import HealthAPI
 from relayd.launchdarkly import offline as ld_offline
 from relayd.launchdarkly.api import LaunchDarklyAPI
+from relayd.launchdarkly.events import DiscardEvents
 from relayd.offline import OfflineSource
 from relayd.sse import SSEHub
 from relayd.store import Environment, Store
@@ -590,3 +591,33 @@ def test_environment_whose_key_upstream_refused_is_unknown(relay: Relay) -> None
     assert relay.call("GET", f"/sdk/evalx/{LD_ENV_ID}/contexts/{b64(ALICE)}")[0] == 404
     relay.env.set_status("VALID")
     assert relay.call("GET", f"/sdk/evalx/contexts/{b64(ALICE)}", SDK)[0] == 200
+
+
+def test_a_key_changed_in_the_offline_folder_is_honoured_at_once(tmp_path: Path) -> None:
+    """Only the environment's metadata changes (no flag data): the credential index must still follow."""
+    import shutil
+
+    from .conftest import SAMPLE
+
+    folder = tmp_path / "offline"
+    shutil.copytree(SAMPLE, folder)
+    clock = Clock()
+    store = Store(clock)
+    source = OfflineSource(store, folder, {"launchdarkly": ld_offline.read}, clock,
+                           run_io=lambda f, *a: succeed(f(*a)))
+    source.startService()
+    stub = StubTreq(LaunchDarklyAPI(store, SSEHub(clock), clock, DiscardEvents(), offline=True).resource())
+
+    def code(key: str) -> int:
+        out: list[int] = []
+        stub.get("http://relay/sdk/latest-all", headers={"Authorization": key}).addCallback(
+            lambda r: out.append(r.code))
+        stub.flush()
+        return out[0]
+
+    assert code(LD_SDK_KEY) == 200
+    meta = folder / "launchdarkly" / f"{LD_ENV_ID}.json"
+    meta.write_text(meta.read_text().replace(LD_SDK_KEY, "sdk-rotated-1"))
+    clock.advance(1)
+    assert code("sdk-rotated-1") == 200 and code(LD_SDK_KEY) == 401
+    source.stopService()
