@@ -12,6 +12,8 @@ from twisted.internet.endpoints import serverFromString
 from relayd import logs
 from relayd.config import Config
 from relayd.harness import offline as harness_offline
+from relayd.harness.api import HarnessAPI
+from relayd.harness.tokens import make_secret
 from relayd.health import HealthAPI
 from relayd.launchdarkly import offline as ld_offline
 from relayd.logs import Logger
@@ -55,6 +57,8 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     hub = SSEHub(reactor, heartbeat=config.relayd.heartbeat, max_backlog=config.relayd.sse_buffer)
     health = HealthAPI(store, reactor, config.launchdarkly.disconnected_status_time)
     apps: list[tuple[tuple[str, ...], Any]] = [(health.segments, health.resource())]
+    harness_api = HarnessAPI(store, hub, reactor, make_secret(config.relayd.auth_secret))
+    apps.append((harness_api.segments, harness_api.resource()))
     site = RelaydSite(build_router(apps), clock=reactor, max_body=config.relayd.max_body)
 
     top = Relayd(config, store, hub, site)

@@ -47,7 +47,8 @@ class ItemChange:
 
 @dataclass(frozen=True)
 class Change:
-    """What one store operation did: ``op`` is replace, upsert, delete or status."""
+    """What one store operation did: ``op`` is replace, upsert, delete, status, meta (``Store.add`` changed the
+    metadata of an existing environment), or, for store observers, add and remove."""
 
     env: "Environment"
     op: str
@@ -223,7 +224,10 @@ class Store:
             env = self._envs[(family, env_id)] = Environment(family, env_id, self.clock, meta, self._emit)
             self._emit(Change(env, "add"))
         elif meta:
+            changed = any(k not in env.meta or env.meta[k] != v for k, v in meta.items())
             env.meta.update(meta)
+            if changed:  # e.g. its key hashes: whoever indexes keys must hear of it
+                env._emit(Change(env, "meta"))
         return env
 
     def remove(self, family: str, env_id: str) -> None:
