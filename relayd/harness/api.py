@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from werkzeug.exceptions import NotFound
+from werkzeug.exceptions import HTTPException
 
 from relayd import sse
 from relayd.harness import tokens
@@ -48,6 +48,7 @@ _CORS = ((b"Access-Control-Allow-Origin", b"*"),
          (b"Access-Control-Allow-Methods", b"GET,OPTIONS,POST"),
          (b"Access-Control-Allow-Headers", b"*,Authorization"))
 _NOT_FOUND = {"error": "not found: cache: not found"}
+_REASONS = {404: "Not Found", 405: "Method Not Allowed"}
 
 
 def _body(obj: Any) -> bytes:
@@ -212,13 +213,18 @@ class HarnessAPI:
 
     @app.handle_errors(Exception)
     def _errors(self, request: IRequest, failure: Failure) -> bytes:
-        if isinstance(failure.value, NotFound):
-            # Unrouted paths still pass the vendor's JWT middleware: 401 without a valid token.
+        err = failure.value
+        if isinstance(err, HTTPException):
+            # Unrouted paths and methods still pass the vendor's JWT middleware: 401 without a valid token.
             try:
                 self._claims(request)
             except HTTPError as e:
                 return render_error(request, Failure(e))
-            return render_error(request, Failure(_fail(404, {"message": "Not Found"})))
+            code = err.code or 404
+            allow = [v.encode("ascii") for k, v in err.get_headers() if k.lower() == "allow"]
+            return render_error(request, Failure(HTTPError(
+                code, _body({"message": _REASONS.get(code, err.name)}), content_type=JSON_UTF8,
+                headers=[(b"Allow", v) for v in allow])))
         return render_error(request, failure)
 
     @app.route("/client/auth", methods=["POST"])
