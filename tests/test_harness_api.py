@@ -208,6 +208,8 @@ def test_auth_bad_inputs(relay: Relay, body: bytes, code: int, error: str | None
 
 def test_auth_accepts_unicode_names_and_defaults_the_name(relay: Relay) -> None:
     relay.token(target={"identifier": "zoe.b@x_y-1", "name": "Zoë Ångström 2"})
+    relay.token(target={})  # what an SDK without a target may send: accepted, nothing cached
+    assert HARNESS_ENV not in relay.api._targets
     relay.token(target={"identifier": "t9"})
     assert relay.api._targets[HARNESS_ENV]["t9"].name == "t9"
 
@@ -249,7 +251,7 @@ def test_lists_are_serialized_once_per_revision(relay: Relay, monkeypatch: pytes
     assert len(calls) == 2
     relay.env.upsert("flags", "dark_mode", 9, dict(relay.env.get("flags", "dark_mode"), version=9))
     code, got = relay.json("GET", f"{EP}/feature-configs", token=token)
-    assert len(calls) == 3 and next(f for f in got if f["feature"] == "dark_mode")["version"] == 9
+    assert code == 200 and len(calls) == 3 and next(f for f in got if f["feature"] == "dark_mode")["version"] == 9
 
 
 SERVING = [{"ruleId": "r1", "priority": 1, "clauses": [
@@ -501,3 +503,9 @@ async def test_stream_validation_events_and_close(offline_dir: Path) -> None:
     finally:
         await hub.stopService()
         await port.stopListening()
+
+
+def test_secret_is_configured_or_random_per_process() -> None:
+    assert tokens.make_secret("configured") == b"configured"
+    a, b = tokens.make_secret(""), tokens.make_secret("")
+    assert a != b and len(a) == 64

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -20,15 +21,21 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from relayd.config import Config, RelaydConfig
+from relayd.harness.metrics import MetricsBuffer
 from relayd.service import make_service
 
 from .conftest import HARNESS_ENV, HARNESS_KEY, free_port
 
 featureflags = pytest.importorskip("featureflags")
-from featureflags.client import CfClient  # noqa: E402
-from featureflags.config import (with_analytics_enabled, with_base_url, with_events_url,  # noqa: E402
-                                 with_pull_interval, with_stream_enabled)
-from featureflags.evaluations.auth_target import Target  # noqa: E402
+from featureflags.client import CfClient
+from featureflags.config import (
+    with_analytics_enabled,
+    with_base_url,
+    with_events_url,
+    with_pull_interval,
+    with_stream_enabled,
+)
+from featureflags.evaluations.auth_target import Target
 
 
 def _flags_file(folder: Path) -> Path:
@@ -46,7 +53,11 @@ async def _until(check: Callable[[], Any], timeout: float, step: float = 0.05) -
 
 
 @pytest_twisted.ensureDeferred
-async def test_python_sdk_end_to_end(offline_dir: Path) -> None:
+async def test_python_sdk_end_to_end(offline_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    posted: list[tuple[str, Any]] = []
+    real_add = MetricsBuffer.add
+    monkeypatch.setattr(MetricsBuffer, "add", lambda self, env_id, payload: (
+        real_add(self, env_id, payload), posted.append((env_id, payload)))[0])
     logging.getLogger("featureflags").setLevel(logging.CRITICAL)  # its stream thread logs tracebacks at close
     port = free_port()
     config = Config(relayd=RelaydConfig(listen=(f"tcp:{port}:interface=127.0.0.1",), offline_dir=offline_dir,
@@ -58,7 +69,7 @@ async def test_python_sdk_end_to_end(offline_dir: Path) -> None:
     try:
         def start() -> Any:
             c = CfClient(HARNESS_KEY, with_base_url(base), with_events_url(base), with_stream_enabled(True),
-                         with_pull_interval(60), with_analytics_enabled(False))
+                         with_pull_interval(60), with_analytics_enabled(True))
             c.wait_for_initialization()
             return c
 
@@ -98,6 +109,17 @@ async def test_python_sdk_end_to_end(offline_dir: Path) -> None:
             # dave: nothing matches; banner_text's prerequisite dark_mode=true fails -> off variation
             "dave": (False, 10, 0.0, "Goodbye", light, False),
         }
+
+        # The SDK's metrics post (normally every 60 s; sent now) is accepted and aggregated.
+        await deferToThread(client._analytics._send_data)
+        assert posted and {env_id for env_id, _ in posted} == {HARNESS_ENV}
+        counted: dict[str, int] = {}  # the SDK sends one entry per flag and variation
+        for _, payload in posted:
+            for m in payload.get("metricsData") or ():
+                flag = next(a["value"] for a in m["attributes"] if a["key"] == "featureIdentifier")
+                counted[flag] = counted.get(flag, 0) + m["count"]
+        assert counted["dark_mode"] == 5 and counted["theme_config"] == 5  # five targets evaluated
+        assert {"alice", "bob"} <= {t["identifier"] for _, p in posted for t in p.get("targetData") or ()}
 
         # The SDK's stream is open on relayd before the folder is edited.
         hub = top.hub

@@ -17,7 +17,8 @@ import json
 import re
 import uuid
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import parse_qsl
 
 from klein import Klein
@@ -141,9 +142,9 @@ class HarnessAPI:
         """The environment whose SDK keys include ``hashed_key``, from an index rebuilt once per key change."""
         if self._key_index is None:
             index: dict[str, str] = {}
-            for env in self.store.environments(FAMILY):
-                for h in env.meta.get("api_key_hashes") or ():
-                    index.setdefault(h, env.id)
+            for each in self.store.environments(FAMILY):
+                for h in each.meta.get("api_key_hashes") or ():
+                    index.setdefault(h, each.id)
             self._key_index = index
         env_id = self._key_index.get(hashed_key)
         env = self.store.environment(FAMILY, env_id) if env_id is not None else None
@@ -173,8 +174,6 @@ class HarnessAPI:
         for item in change.items:
             domain = _DOMAINS.get(item.kind)
             if domain is None:
-                if item.kind == TARGETS:
-                    self._targets.get(env.id, {}).pop(item.key, None)
                 continue
             if item.new.deleted:
                 event = "delete"
@@ -255,6 +254,8 @@ class HarnessAPI:
     def _auth_target(obj: Any) -> Target | None:
         if obj is None:
             return None
+        if isinstance(obj, dict) and obj.get("identifier") is None:
+            obj = dict(obj, identifier="")  # Go decodes {} into an empty target: an SDK sending one is fine
         try:
             target = Target.from_json(obj)
         except ValueError as e:

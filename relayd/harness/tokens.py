@@ -17,7 +17,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Claims", "TokenError", "issue", "key_hash", "make_secret", "verify", "KEY_PREFIX"]
+__all__ = ["KEY_PREFIX", "Claims", "TokenError", "issue", "key_hash", "make_secret", "verify"]
 
 KEY_PREFIX = "auth-key-"
 _HEADER = {"alg": "HS256", "typ": "JWT"}
