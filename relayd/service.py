@@ -13,6 +13,8 @@ from relayd import logs
 from relayd.admin import AdminAPI
 from relayd.config import Config
 from relayd.harness import offline as harness_offline
+from relayd.harness.api import HarnessAPI
+from relayd.harness.tokens import make_secret
 from relayd.health import HealthAPI
 from relayd.launchdarkly import offline as ld_offline
 from relayd.logs import Logger
@@ -80,6 +82,8 @@ def make_service(config: Config, reactor: Any) -> Relayd:
                                    max_event_body=config.relayd.max_body)
     configured_environments(store, config.launchdarkly)
     apps.append((launchdarkly.segments, launchdarkly.resource()))
+    harness_api = HarnessAPI(store, hub, reactor, make_secret(config.relayd.auth_secret))
+    apps.append((harness_api.segments, harness_api.resource()))
     site = RelaydSite(build_router(apps), clock=reactor, max_body=config.relayd.max_body)
 
     top = Relayd(config, store, hub, site)

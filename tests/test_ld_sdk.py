@@ -26,7 +26,7 @@ from relayd.sse import SSEHub
 from relayd.store import Environment, Store
 from relayd.web import RelaydSite, build_router
 
-from .conftest import LD_ENV_ID, LD_SDK_KEY
+from .conftest import LD_ENV_ID, LD_SDK_KEY, abort_connections
 
 ldclient = pytest.importorskip("ldclient")
 from ldclient import Context
@@ -70,6 +70,7 @@ def relayd(offline_dir: Path) -> Generator[tuple[str, Path, Sink], None, None]:
     source.stopService()
     pytest_twisted.blockon(hub.stopService())
     pytest_twisted.blockon(port.stopListening())
+    abort_connections(site)
     api.streams.stop()
 
 

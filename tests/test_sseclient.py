@@ -639,11 +639,15 @@ def upstream():
     for request in resource.all_requests:
         if not request.finished and request.channel is not None and request.channel.transport:
             request.channel.transport.abortConnection()
+    ours = port.getHost().port
     pytest_twisted.blockon(port.stopListening())
     pytest_twisted.blockon(task.deferLater(reactor, 0, lambda: None))
     sockets = reactor.getReaders() + reactor.getWriters()
-    assert [s for s in sockets if isinstance(s, (tcp.Connection, tcp.Port))] == []
-    assert reactor.getDelayedCalls() == []  # no watchdog or retry timer left behind
+    left = [s for s in sockets if isinstance(s, tcp.Port) and s.getHost().port == ours
+            or isinstance(s, tcp.Connection) and ours in (s.getHost().port, s.getPeer().port)]
+    assert left == []
+    timers = [c for c in reactor.getDelayedCalls() if "sseclient" in repr(c.func)]
+    assert timers == []  # no watchdog or retry timer left behind
 
 
 class Recorder:

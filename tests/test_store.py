@@ -18,6 +18,8 @@ def test_add_is_idempotent_and_merges_meta() -> None:
     env = store.add("harness", "e1", {"name": "one"})
     assert store.add("harness", "e1", {"api_keys": ("k",)}) is env
     assert env.meta == {"name": "one", "api_keys": ("k",)}
+    assert store.add("harness", "e1", {"name": "one"}) is env  # nothing new: no change reported
+    # a metadata change (e.g. the key hashes) is reported, so key indexes can be rebuilt on change only
     assert [c.op for c in seen] == ["add", "meta"]
     assert store.environments("harness") == [env] and store.environments("launchdarkly") == []
 
