@@ -134,6 +134,7 @@ class EventForwarder(Service):
         self.failed = 0  # payloads given up on
         self._loop: LoopingCall | None = None
         self._in_flight: set[Deferred[Any]] = set()
+        self._stopping = False  # no retries once shutting down
 
     # -- EventSink
 
@@ -261,7 +262,7 @@ class EventForwarder(Service):
                 self.posted += 1
                 return
             reason, recoverable = problem
-            if not recoverable or attempt == 2 or not self.running:
+            if not recoverable or attempt == 2 or self._stopping:
                 log.warn("event payload to {path} dropped: {reason}", path=path, reason=reason)
                 self.failed += 1
                 return
@@ -287,6 +288,7 @@ class EventForwarder(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._stopping = False
         self._loop = LoopingCall(self.flush)
         self._loop.clock = self._clock
         self._loop.start(self.interval, now=False).addErrback(
@@ -295,6 +297,7 @@ class EventForwarder(Service):
     def stopService(self) -> Deferred[None]:
         """Stop the timer, send what is queued (no retries), then close the pool."""
         super().stopService()
+        self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
