@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import resource
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -17,6 +17,8 @@ from relayd.health import HealthAPI
 from relayd.launchdarkly import offline as ld_offline
 from relayd.logs import Logger
 from relayd.offline import OfflineSource
+from relayd.reload import ReloadOnHUP
+from relayd.snapshot import SnapshotService
 from relayd.sse import SSEHub
 from relayd.store import Store
 from relayd.web import RelaydSite, build_router
@@ -47,6 +49,21 @@ def raise_nofile_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def configured(config: Config) -> Callable[[dict[str, Any]], bool]:
+    """Which snapshots still belong to this configuration (an environment removed from it stays gone)."""
+    ld_ids = {env.name for env in config.launchdarkly.environments}  # store id of a configured environment
+    harness_keys = set(config.harness.api_keys) if config.harness is not None else set()
+
+    def wanted(doc: dict[str, Any]) -> bool:
+        if doc.get("family") == "launchdarkly":
+            return doc.get("id") in ld_ids
+        if doc.get("family") == "harness":
+            return bool(harness_keys & set(doc.get("meta", {}).get("api_keys") or ()))
+        return False
+
+    return wanted
+
+
 def make_service(config: Config, reactor: Any) -> Relayd:
     logs.set_level(config.relayd.log_level)
     soft, _ = raise_nofile_limit()
@@ -56,15 +73,28 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     hub = SSEHub(reactor, heartbeat=config.relayd.heartbeat, max_backlog=config.relayd.sse_buffer)
     health = HealthAPI(store, reactor, config.launchdarkly.disconnected_status_time)
     apps: list[tuple[tuple[str, ...], Any]] = [(health.segments, health.resource())]
+    # LaunchDarkly SDK routes; events are discarded until the upstream forwarder replaces this sink.
+    from relayd.launchdarkly.api import LaunchDarklyAPI, configured_environments
+    from relayd.launchdarkly.events import DiscardEvents
+    launchdarkly = LaunchDarklyAPI(store, hub, reactor, DiscardEvents(), offline=config.offline,
+                                   max_event_body=config.relayd.max_body)
+    configured_environments(store, config.launchdarkly)
+    apps.append((launchdarkly.segments, launchdarkly.resource()))
     site = RelaydSite(build_router(apps), clock=reactor, max_body=config.relayd.max_body)
 
     top = Relayd(config, store, hub, site)
     hub.setServiceParent(top)
+    if config.relayd.state_dir is not None and config.relayd.offline_dir is None:
+        snapshots = SnapshotService(store, config.relayd.state_dir, reactor, wanted=configured(config))
+        snapshots.load()  # before any source starts: serve the last data while upstream is unreachable
+        snapshots.setServiceParent(top)
     if config.relayd.offline_dir is not None:
         log.info("offline mode: serving {folder}", folder=str(config.relayd.offline_dir))
         OfflineSource(store, config.relayd.offline_dir,
                       {"harness": harness_offline.read, "launchdarkly": ld_offline.read},
                       reactor, interval=config.relayd.offline_poll).setServiceParent(top)
+    if config.path is not None:
+        ReloadOnHUP(config.path, config, hub, reactor).setServiceParent(top)
     for description in config.relayd.listen:
         StreamServerEndpointService(serverFromString(reactor, description), site).setServiceParent(top)
     if config.relayd.admin_listen:
