@@ -20,7 +20,13 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from relayd.config import LaunchDarklyConfig, LaunchDarklyEnvConfig
 from relayd.health import HealthAPI
 from relayd.launchdarkly.upstream import EnvironmentStream, environment_for, parse_event
-from relayd.sseclient import ERROR_RESPONSE, INVALID_DATA, NETWORK_ERROR, SSEEvent, StreamError
+from relayd.sseclient import (
+    ERROR_RESPONSE,
+    INVALID_DATA,
+    NETWORK_ERROR,
+    SSEEvent,
+    StreamError,
+)
 from relayd.store import INITIALIZING, INTERRUPTED, OFF, VALID, Change, Item, Store
 from tests.doubles.ld_upstream import SDK_KEY, LDUpstreamDouble, make_flag
 
@@ -71,14 +77,15 @@ def env_config(name: str = "Production", **kw: Any) -> LaunchDarklyEnvConfig:
 def test_environment_for_ids_meta_and_reuse():
     store = Store(task.Clock())
     env = environment_for(store, env_config(env_id="abc123", mobile_key="mob-1", allowed_origin=("https://x",)))
-    assert env.id == "abc123" and env.family == "launchdarkly"
+    assert env.id == "Production" and env.family == "launchdarkly"
     assert env.meta == {"name": "Production", "sdk_key": SDK_KEY, "mobile_key": "mob-1", "env_id": "abc123",
                         "secure_mode": False, "allowed_origin": ("https://x",), "allowed_header": (), "ttl": 0.0,
                         "client_stream": "evaluated"}
+    assert environment_for(store, env_config("Production")) is env
     assert environment_for(store, env_config("Other")).id == "Other"
     # an environment of that name created elsewhere (another id) is reused, not duplicated
     store2 = Store(task.Clock())
-    existing = store2.add("launchdarkly", "Production", {"name": "Production"})
+    existing = store2.add("launchdarkly", "abc123", {"name": "Production"})
     assert environment_for(store2, env_config(env_id="abc123")) is existing
     assert len(store2.environments("launchdarkly")) == 1 and existing.meta["env_id"] == "abc123"
 

@@ -33,7 +33,13 @@ from relayd import __version__
 from relayd.config import LaunchDarklyConfig, LaunchDarklyEnvConfig
 from relayd.launchdarkly.model import as_int, is_deleted
 from relayd.logs import Logger
-from relayd.sseclient import INVALID_DATA, HTTPClientLike, SSEClient, SSEEvent, StreamError
+from relayd.sseclient import (
+    INVALID_DATA,
+    HTTPClientLike,
+    SSEClient,
+    SSEEvent,
+    StreamError,
+)
 from relayd.store import INITIALIZING, INTERRUPTED, OFF, VALID, Environment, Item, Store
 
 __all__ = ["FAMILY", "KINDS", "USER_AGENT", "EnvironmentStream", "environment_for", "parse_event"]
@@ -80,7 +86,7 @@ def parse_event(event: SSEEvent) -> tuple[str, Any] | None:
         return None
     try:
         doc = json.loads(event.data)
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         raise StreamError(INVALID_DATA, f"malformed JSON in {event.event} event: {e.msg}") from None
     doc = _object(doc, f"{event.event} event")
     if event.event == "put":
@@ -109,9 +115,10 @@ def parse_event(event: SSEEvent) -> tuple[str, Any] | None:
 def environment_for(store: Store, config: LaunchDarklyEnvConfig) -> Environment:
     """The store environment of a ``[launchdarkly "NAME"]`` section, created if missing.
 
-    An environment of that name that already exists (e.g. created by the SDK API from the same config) is
-    reused, so the two never end up as two environments; a new one gets id = ``env_id`` if configured, else
-    the name. The configured values are (re)written into its meta.
+    The store id is the section name, as the SDK API's ``configured_environments`` and the snapshot matching
+    use; an environment carrying that name under another id (e.g. one created with id = ``env_id``) is reused
+    rather than duplicated. The configured values are merged into its meta (a ``meta`` store change if any
+    differ, so the API's credential indexes follow).
     """
     meta = {
         "name": config.name,
@@ -124,11 +131,13 @@ def environment_for(store: Store, config: LaunchDarklyEnvConfig) -> Environment:
         "ttl": config.ttl,
         "client_stream": config.client_stream,
     }
-    for env in store.environments(FAMILY):
-        if env.meta.get("name") == config.name:
-            env.meta.update(meta)
-            return env
-    return store.add(FAMILY, config.env_id or config.name, meta)
+    env = store.environment(FAMILY, config.name)
+    if env is None:
+        env = next((e for e in store.environments(FAMILY) if e.meta.get("name") == config.name), None)
+    if env is None:
+        return store.add(FAMILY, config.name, meta)
+    env.update_meta(meta)
+    return env
 
 
 # ---------------------------------------------------------------------------------------------- service
@@ -157,7 +166,7 @@ class EnvironmentStream(Service):
         user_agent: str = USER_AGENT,
     ) -> None:
         self.env = environment_for(store, env_config)
-        self.name = f"launchdarkly upstream {env_config.name}"
+        self.name = f"launchdarkly upstream {env_config.name}"  # type: ignore[assignment]
         self._sdk_key = env_config.sdk_key
         self._clock = clock
         self._init_timeout = config.init_timeout
@@ -265,7 +274,7 @@ class EnvironmentStream(Service):
     def _init_timed_out(self) -> None:
         self._init_call = None
         if not self.env.initialized:
-            log.warn("{name}: no data from LaunchDarkly within {t:g}s; still trying in the background",
+            log.warn("{name}: no data from LaunchDarkly within {t:g}s; still trying in the background",  # noqa: G010
                      name=self.env.meta.get("name"), t=self._init_timeout)
             self._init_over(False)
 
@@ -286,5 +295,5 @@ class EnvironmentStream(Service):
         self._init_result = success
         self._cancel_init_timer()
         waiting, self._ready = self._ready, []
-        for d in waiting:
-            d.callback(success)
+        for waiter in waiting:
+            waiter.callback(success)
