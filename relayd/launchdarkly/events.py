@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import treq
 from twisted.application.service import Service
@@ -75,7 +76,7 @@ def is_recoverable(status: int) -> bool:
 class _Batch:
     """Analytics events bound for one (environment, path, schema, tags), as raw JSON array elements."""
 
-    __slots__ = ("env", "path", "schema", "tags", "parts", "count")
+    __slots__ = ("count", "env", "parts", "path", "schema", "tags")
 
     def __init__(self, env: Environment, path: str, schema: str | None, tags: str | None) -> None:
         self.env, self.path, self.schema, self.tags = env, path, schema, tags
@@ -158,12 +159,12 @@ class EventForwarder(Service):
         try:
             events = json.loads(body)
         except ValueError:
-            log.warn("dropping an event payload for {path} that is not valid JSON", path=path)
+            log.warn("dropping an event payload for {path} that is not valid JSON", path=path)  # noqa: G010
             return
         if isinstance(events, dict):
             events = [events]
         if not isinstance(events, list):
-            log.warn("dropping an event payload for {path} that is not a JSON array", path=path)
+            log.warn("dropping an event payload for {path} that is not a JSON array", path=path)  # noqa: G010
             return
         if not events:
             return
@@ -198,7 +199,7 @@ class EventForwarder(Service):
 
     def _drop(self, n: int) -> None:
         if not self._dropped_unlogged:
-            log.warn("event buffer full ({capacity} events): dropping events until the next flush",
+            log.warn("event buffer full ({capacity} events): dropping events until the next flush",  # noqa: G010
                      capacity=self.capacity)
         self.dropped += n
         self._dropped_unlogged += n
@@ -213,7 +214,7 @@ class EventForwarder(Service):
     def flush(self) -> Deferred[None]:
         """Send everything queued now; the Deferred fires when those posts are done (never fails)."""
         if self._dropped_unlogged:
-            log.warn("dropped {n} events since the last flush: the event buffer was full", n=self._dropped_unlogged)
+            log.warn("dropped {n} events since the last flush: the event buffer was full", n=self._dropped_unlogged)  # noqa: G010
             self._dropped_unlogged = 0
         batches, self._batches = self._batches, {}
         diagnostics, self._diagnostics = self._diagnostics, []
@@ -249,7 +250,6 @@ class EventForwarder(Service):
 
         def done(result: Any) -> None:
             self._in_flight.discard(d)
-            return None
 
         d.addErrback(lambda f: log.failure("event post to {path} failed unexpectedly", f, path=path))
         d.addBoth(done)
@@ -263,7 +263,7 @@ class EventForwarder(Service):
                 return
             reason, recoverable = problem
             if not recoverable or attempt == 2 or self._stopping:
-                log.warn("event payload to {path} dropped: {reason}", path=path, reason=reason)
+                log.warn("event payload to {path} dropped: {reason}", path=path, reason=reason)  # noqa: G010
                 self.failed += 1
                 return
             log.info("event post to {path} failed ({reason}); retrying in {delay:g}s", path=path, reason=reason,
@@ -301,7 +301,7 @@ class EventForwarder(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        d = self.flush()
+        d: Deferred[Any] = self.flush()
         pending = list(self._in_flight)
         if pending:
             d = DeferredList([d, *pending], consumeErrors=True)
