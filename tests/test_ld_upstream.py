@@ -354,3 +354,15 @@ async def test_stop_closes_stream_and_timers(double: LDUpstreamDouble):
     rig.clock.advance(100)
     await task.deferLater(reactor, 0.01, lambda: None)
     assert len(double.stream_requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_double_polling_service(double: LDUpstreamDouble):
+    import treq
+
+    ok = await treq.get(double.url + "/sdk/latest-all", headers={"Authorization": SDK_KEY}, persistent=False)
+    assert ok.code == 200 and json.loads(await ok.content()) == {"flags": double.flags, "segments": {}}
+    bad = await treq.get(double.url + "/sdk/latest-all", headers={"Authorization": "sdk-x"}, persistent=False)
+    assert bad.code == 401
+    await bad.content()
+    assert [p["authorization"] for p in double.polls] == [SDK_KEY, "sdk-x"]
