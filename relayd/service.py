@@ -37,6 +37,7 @@ class Relayd(MultiService):
         self.store = store
         self.hub = hub
         self.site = site
+        self.ld_events: Any = None  # the LaunchDarkly EventSink the SDK API hands payloads to
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -75,10 +76,13 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     hub = SSEHub(reactor, heartbeat=config.relayd.heartbeat, max_backlog=config.relayd.sse_buffer)
     health = HealthAPI(store, reactor, config.launchdarkly.disconnected_status_time)
     apps: list[tuple[tuple[str, ...], Any]] = [(health.segments, health.resource())]
-    # LaunchDarkly SDK routes; events are discarded until the upstream forwarder replaces this sink.
+    # LaunchDarkly SDK routes; events go to the upstream forwarder, or are discarded offline.
     from relayd.launchdarkly.api import LaunchDarklyAPI, configured_environments
-    from relayd.launchdarkly.events import DiscardEvents
-    launchdarkly = LaunchDarklyAPI(store, hub, reactor, DiscardEvents(), offline=config.offline,
+    from relayd.launchdarkly.events import DiscardEvents, EventForwarder, EventSink
+    ld_events: EventSink = DiscardEvents()
+    if not config.offline:
+        ld_events = EventForwarder(config.launchdarkly, clock=reactor)
+    launchdarkly = LaunchDarklyAPI(store, hub, reactor, ld_events, offline=config.offline,
                                    max_event_body=config.relayd.max_body)
     configured_environments(store, config.launchdarkly)
     apps.append((launchdarkly.segments, launchdarkly.resource()))
@@ -97,6 +101,15 @@ def make_service(config: Config, reactor: Any) -> Relayd:
         OfflineSource(store, config.relayd.offline_dir,
                       {"harness": harness_offline.read, "launchdarkly": ld_offline.read},
                       reactor, interval=config.relayd.offline_poll).setServiceParent(top)
+    # --- LaunchDarkly upstream: one /all stream per [launchdarkly "NAME"] section, and event forwarding.
+    if not config.offline:
+        from relayd.launchdarkly.upstream import EnvironmentStream
+        for env_config in config.launchdarkly.environments:
+            EnvironmentStream(store, env_config, config.launchdarkly, clock=reactor).setServiceParent(top)
+        if isinstance(ld_events, EventForwarder):
+            ld_events.setServiceParent(top)
+    top.ld_events = ld_events
+    # --- end LaunchDarkly upstream
     if config.path is not None:
         ReloadOnHUP(config.path, config, hub, reactor).setServiceParent(top)
     for description in config.relayd.listen:
