@@ -585,12 +585,35 @@ def test_make_service_registers_the_routes_and_configured_environments() -> None
     assert out == [(503, {"message": "Service not initialized"})]
 
 
-def test_environment_whose_key_upstream_refused_is_unknown(relay: Relay) -> None:
+def test_environment_whose_key_upstream_refused_before_any_data_is_unknown() -> None:
+    clock = Clock()
+    store = Store(clock)
+    env = store.add("launchdarkly", "Production", {"sdk_key": LD_SDK_KEY, "env_id": LD_ENV_ID})
+    stub = StubTreq(LaunchDarklyAPI(store, SSEHub(clock), clock, DiscardEvents()).resource())
+
+    def code(path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        out: list[tuple[int, bytes]] = []
+        stub.get(f"http://relay{path}", headers=headers or {}).addCallback(
+            lambda r: r.content().addCallback(lambda b: out.append((r.code, b))))
+        stub.flush()
+        return out[0]
+
+    # inside the first init_timeout ld-relay has no client for the environment yet
+    env.meta["init_pending"] = True
+    assert code(f"/sdk/evalx/contexts/{b64(ALICE)}", {"Authorization": LD_SDK_KEY}) == (
+        503, b"client was not initialized")
+    del env.meta["init_pending"]
+    env.meta["init_failed"] = True
+    env.set_status("OFF", error_kind="ERROR_RESPONSE")
+    assert code(f"/sdk/evalx/contexts/{b64(ALICE)}", {"Authorization": LD_SDK_KEY})[0] == 401
+    assert code(f"/sdk/evalx/{LD_ENV_ID}/contexts/{b64(ALICE)}")[0] == 404
+
+
+def test_environment_that_goes_off_after_data_keeps_serving_it(relay: Relay) -> None:
+    """A key refused later (upstream OFF) leaves the last data served, marked in /status, not a 401."""
     relay.env.set_status("OFF", error_kind="ERROR_RESPONSE")
-    assert relay.call("GET", f"/sdk/evalx/contexts/{b64(ALICE)}", SDK)[0] == 401
-    assert relay.call("GET", f"/sdk/evalx/{LD_ENV_ID}/contexts/{b64(ALICE)}")[0] == 404
-    relay.env.set_status("VALID")
     assert relay.call("GET", f"/sdk/evalx/contexts/{b64(ALICE)}", SDK)[0] == 200
+    assert relay.call("GET", f"/sdk/evalx/{LD_ENV_ID}/contexts/{b64(ALICE)}")[0] == 200
 
 
 def test_a_key_changed_in_the_offline_folder_is_honoured_at_once(tmp_path: Path) -> None:

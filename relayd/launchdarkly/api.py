@@ -36,7 +36,7 @@ from relayd.launchdarkly.model import canonical_flag, canonical_segment, is_dele
 from relayd.launchdarkly.streams import FAMILY, Streams, live
 from relayd.logs import Logger
 from relayd.sse import SSEHub
-from relayd.store import OFF, Change, Environment, Store
+from relayd.store import Change, Environment, Store
 from relayd.web import JSON, HTTPError, json_bytes, render_error, respond_json
 
 log = Logger()
@@ -44,6 +44,7 @@ log = Logger()
 TEXT = b"text/plain; charset=utf-8"
 UNKNOWN_CREDENTIAL = "Relay Proxy does not recognize the client credential (missing or invalid Authorization header)"
 UNKNOWN_ENV_ID = "URL did not contain an environment ID"
+CLIENT_NOT_INITIALIZED = "client was not initialized"
 EMPTY_KEY = "User must have a 'key' attribute"
 BAD_BASE64 = "context part of URL path did not decode as valid base64"
 BAD_PATH_CONTEXT = "context part of URL path did not decode to valid evaluation context as JSON"
@@ -81,8 +82,8 @@ class Credentials:
             mobile: dict[str, Environment] = {}
             env_ids: dict[str, Environment] = {}
             for env in self.store.environments(FAMILY):
-                if env.status.state == OFF:  # upstream refused its key (401/403): ld-relay answers 401/404
-                    continue
+                if env.meta.get("init_failed") and not env.initialized:
+                    continue  # upstream refused its key before any data: ld-relay answers 401/404
                 for key in (env.meta.get("sdk_key"), env.meta.get("expiring_sdk_key")):
                     if key:
                         sdk[key] = env
@@ -249,23 +250,31 @@ class LaunchDarklyAPI:
             raise HTTPError(401)
         return value
 
+    @staticmethod
+    def _started(env: Environment) -> Environment:
+        """ld-relay has no SDK client for an environment during its first init_timeout: 503, SDKs retry."""
+        if env.meta.get("init_pending") and not env.initialized:
+            raise HTTPError(503, CLIENT_NOT_INITIALIZED, content_type=TEXT)
+        return env
+
     def _sdk_env(self, request: IRequest) -> Environment:
         env = self.credentials.by_sdk_key(self._key(request))
         if env is None:
             raise HTTPError(401, UNKNOWN_CREDENTIAL, content_type=TEXT)
-        return env
+        return self._started(env)
 
     def _mobile_env(self, request: IRequest) -> Environment:
         env = self.credentials.by_mobile_key(self._key(request))
         if env is None:
             raise HTTPError(401, UNKNOWN_CREDENTIAL, content_type=TEXT)
-        return env
+        return self._started(env)
 
     def _js_env(self, request: IRequest, env_id: str, methods: str) -> Environment:
         """The environment of a JS route, with the CORS headers of 1.6 already set."""
         env = self.credentials.by_env_id(env_id)
         if env is None:
             raise HTTPError(404, UNKNOWN_ENV_ID, content_type=TEXT)
+        self._started(env)
         allowed = _words(env.meta.get("allowed_origin"))
         origin = header(request, "origin")
         if allowed:
