@@ -82,7 +82,9 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     ld_events: EventSink = DiscardEvents()
     if not config.offline:
         ld_events = EventForwarder(config.launchdarkly, clock=reactor)
-    launchdarkly = LaunchDarklyAPI(store, hub, reactor, ld_events, offline=config.offline,
+    from relayd.launchdarkly.upstream import GoalsProxy
+    goals = None if config.offline else GoalsProxy(config.launchdarkly.client_side_base_url, clock=reactor)
+    launchdarkly = LaunchDarklyAPI(store, hub, reactor, ld_events, offline=config.offline, goals=goals,
                                    max_event_body=config.relayd.max_body)
     configured_environments(store, config.launchdarkly)
     apps.append((launchdarkly.segments, launchdarkly.resource()))

@@ -366,3 +366,22 @@ async def test_double_polling_service(double: LDUpstreamDouble):
     assert bad.code == 401
     await bad.content()
     assert [p["authorization"] for p in double.polls] == [SDK_KEY, "sdk-x"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_goals_are_proxied_cached_and_served_stale_when_unreachable(double: LDUpstreamDouble):
+    from relayd.launchdarkly.upstream import GoalsProxy
+
+    clock = task.Clock()
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    proxy = GoalsProxy(double.url, clock=clock, http=HTTPClient(Agent(reactor, pool=pool)), ttl=60)
+    code, body = await proxy.fetch("env1")
+    assert code == 200 and json.loads(body) == double.goals
+    await proxy.fetch("env1")
+    assert double.goal_requests == 1  # cached
+    clock.advance(61)
+    await double.stop()  # the vendor is gone: the last answer is still served
+    code, body = await proxy.fetch("env1")
+    assert code == 200 and json.loads(body) == double.goals
+    assert (await proxy.fetch("never-seen"))[0] == 503
+    await pool.closeCachedConnections()

@@ -18,7 +18,7 @@ from email.utils import formatdate
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -220,7 +220,8 @@ class LaunchDarklyAPI:
                 "events", "a")
 
     def __init__(self, store: Store, hub: SSEHub, clock: IReactorTime, events: EventSink, *,
-                 offline: bool = False, max_event_body: int = 10 * 1024 * 1024) -> None:
+                 offline: bool = False, max_event_body: int = 10 * 1024 * 1024, goals: Any = None) -> None:
+        self.goals = goals  # a GoalsProxy online, None offline
         self.store = store
         self.hub = hub
         self.clock = clock
@@ -357,12 +358,14 @@ class LaunchDarklyAPI:
         return self._evalx(request, env, context, "js")
 
     @app.route("/sdk/goals/<env_id>", methods=["GET", "OPTIONS"])
-    def js_goals(self, request: IRequest, env_id: str) -> bytes:
+    def js_goals(self, request: IRequest, env_id: str) -> bytes | Deferred[bytes]:
         self._js_env(request, env_id, "GET,OPTIONS")
         if request.method == b"OPTIONS":
             return b""
-        # TODO(upstream): reverse-proxy to client_side_base_url when online; offline has no goals.
-        return respond_json(request, [], content_type=JSON)
+        if self.goals is None:  # offline: there are no goals
+            return respond_json(request, [], content_type=JSON)
+        return ensureDeferred(self.goals.fetch(env_id)).addCallback(
+            lambda answer: respond_json(request, answer[1], answer[0], content_type=JSON))
 
     # -- server-side streams and polling
 

@@ -297,3 +297,42 @@ class EnvironmentStream(Service):
         waiting, self._ready = self._ready, []
         for waiter in waiting:
             waiter.callback(success)
+
+
+class GoalsProxy:
+    """``/sdk/goals/{envId}`` for the JavaScript SDK: fetched from ``client_side_base_url`` as ld-relay proxies it.
+
+    Answers are cached for ``ttl`` per environment so a page-load herd makes one upstream request; when the
+    vendor cannot be reached the last answer is served, or 503 when there is none.
+    """
+
+    def __init__(self, base_url: str, *, clock: IReactorTime, http: Any = None, ttl: float = 60.0,
+                 timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.clock = clock
+        self.ttl = ttl
+        self.timeout = timeout
+        if http is None:
+            import treq
+            from twisted.web.client import HTTPConnectionPool
+
+            http = treq.client.HTTPClient(treq.client.Agent(clock, pool=HTTPConnectionPool(clock)))
+        self.http = http
+        self._cache: dict[str, tuple[float, int, bytes]] = {}
+
+    async def fetch(self, env_id: str) -> tuple[int, bytes]:
+        cached = self._cache.get(env_id)
+        if cached is not None and self.clock.seconds() - cached[0] < self.ttl:
+            return cached[1], cached[2]
+        try:
+            response = await self.http.get(f"{self.base_url}/sdk/goals/{env_id}", timeout=self.timeout,
+                                           headers={"User-Agent": USER_AGENT})
+            body = await response.content()
+        except Exception as e:  # network: serve the last answer rather than fail the page
+            log.warn("goals for {env} not fetched: {error}", env=env_id, error=str(e) or type(e).__name__)
+            if cached is not None:
+                return cached[1], cached[2]
+            return 503, b'{"message":"goals are not available from LaunchDarkly right now"}'
+        if response.code == 200:
+            self._cache[env_id] = (self.clock.seconds(), response.code, body)
+        return response.code, body

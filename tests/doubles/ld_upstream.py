@@ -77,6 +77,8 @@ class LDUpstreamDouble:
         self.events: list[Recorded] = []
         self.event_posted: DeferredQueue[Recorded] = DeferredQueue()
         self.polls: list[dict[str, str]] = []
+        self.goals: list[Any] = [{"key": "signup", "kind": "pageview", "urls": [{"kind": "exact", "url": "https://a/"}]}]
+        self.goal_requests = 0
         self.port: Any = None
         self.url = ""
 
@@ -90,7 +92,8 @@ class LDUpstreamDouble:
     async def stop(self) -> None:
         self.drop_streams()
         if self.port is not None:
-            await self.port.stopListening()
+            port, self.port = self.port, None
+            await port.stopListening()
 
     # -- data changes, pushed to open streams
 
@@ -187,6 +190,12 @@ class LDUpstreamDouble:
     @app.route("/mobile/events/diagnostic", methods=["POST"])
     def server_events(self, request: Any) -> bytes:
         return self._event(request)
+
+    @app.route("/sdk/goals/<env_id>", methods=["GET"])
+    def goals_route(self, request: Any, env_id: str) -> bytes:
+        self.goal_requests += 1
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(self.goals).encode("utf-8")
 
     @app.route("/events/bulk/<env_id>", methods=["POST"])
     @app.route("/events/diagnostic/<env_id>", methods=["POST"])
