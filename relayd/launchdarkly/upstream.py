@@ -313,10 +313,10 @@ class GoalsProxy:
         self.ttl = ttl
         self.timeout = timeout
         if http is None:
-            import treq
-            from twisted.web.client import HTTPConnectionPool
+            from treq.client import HTTPClient
+            from twisted.web.client import Agent, HTTPConnectionPool
 
-            http = treq.client.HTTPClient(treq.client.Agent(clock, pool=HTTPConnectionPool(clock)))
+            http = HTTPClient(Agent(clock, pool=HTTPConnectionPool(clock)))
         self.http = http
         self._cache: dict[str, tuple[float, int, bytes]] = {}
 
