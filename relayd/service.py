@@ -65,6 +65,11 @@ def make_service(config: Config, reactor: Any) -> Relayd:
         OfflineSource(store, config.relayd.offline_dir,
                       {"harness": harness_offline.read, "launchdarkly": ld_offline.read},
                       reactor, interval=config.relayd.offline_poll).setServiceParent(top)
+    if config.harness is not None and not config.offline:
+        # Harness SaaS traffic: per-key sync and streams, target polling, metrics forwarding.
+        from relayd.harness.upstream import HarnessUpstream
+
+        HarnessUpstream(config.harness, store, reactor).setServiceParent(top)
     for description in config.relayd.listen:
         StreamServerEndpointService(serverFromString(reactor, description), site).setServiceParent(top)
     if config.relayd.admin_listen:
