@@ -15,7 +15,7 @@ import jwt
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, tcp
 from twisted.internet.threads import deferToThread
 
 from relayd.config import HarnessConfig
@@ -104,6 +104,9 @@ def saas():
     double.admin_page_size = 2  # 5 keys and 5 targets: 3 pages each
     yield double
     pytest_twisted.blockon(defer.ensureDeferred(double.stop()))
+    sockets = reactor.getReaders() + reactor.getWriters()
+    assert [s for s in sockets if isinstance(s, (tcp.Connection, tcp.Port))] == []
+    assert reactor.getDelayedCalls() == []  # no retry, poll or connection attempt left behind
 
 
 def config(saas: HarnessSaaS, **kw: Any) -> HarnessConfig:

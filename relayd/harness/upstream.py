@@ -153,11 +153,22 @@ class SaaSClient:
         self.http = http
         self.clock = clock
         self.timeout = timeout
+        self._pending: set[Deferred[Any]] = set()
 
     def call(self, method: str, url: str, headers: Mapping[str, str], body: Any = None) -> Deferred[Any]:
         d = ensureDeferred(self._call(method, url, headers, body))
         d.addTimeout(self.timeout, self.clock)  # type: ignore[arg-type]
-        return d.addErrback(self._translate, url)
+        self._pending.add(d)
+
+        def forget(result: Any) -> Any:
+            self._pending.discard(d)
+            return result
+        return d.addBoth(forget).addErrback(self._translate, url)
+
+    def cancel_all(self) -> None:
+        """Abort every call in flight (service stop): their connections close instead of lingering."""
+        for d in list(self._pending):
+            d.cancel()
 
     async def _call(self, method: str, url: str, headers: Mapping[str, str], body: Any) -> Any:
         hdrs = {"Accept": "application/json", "User-Agent": USER_AGENT, **headers}
@@ -376,8 +387,6 @@ class KeySource(Service):
                 await _sleep(self.clock, delay)
         if not self.running:
             return
-        if not self.ready.called:
-            self.ready.callback(None)
         if self.config.stream:
             self.stream = SSEClient(
                 self._stream_url, headers=self._stream_headers, on_event=self._on_event,
@@ -394,6 +403,8 @@ class KeySource(Service):
             self._target_poll = LoopingCall(self._target_tick)
             self._target_poll.clock = self.clock
             self._target_poll.start(self.config.target_poll, now=False)
+        if not self.ready.called:
+            self.ready.callback(None)  # last: whoever waits on it may stop us at once
 
     async def _bootstrap(self) -> None:
         claims = await self.fetch.authenticate()
@@ -553,8 +564,8 @@ class KeySource(Service):
         log.warn("re-authentication failed: {error}", error=getattr(failure.value, "message", str(failure.value)))
         self._reauth_tried = False
         delay = backoff_delay(self._initial_delay, 0, self._max_delay, self._random())
-        self.clock.callLater(delay, lambda: self.stream.restart() if self.stream is not None and self.running
-                             else None)
+        self._resync_call = self.clock.callLater(
+            delay, lambda: self.stream.restart() if self.stream is not None and self.running else None)
 
     def _on_event(self, event: SSEEvent) -> None:
         try:
@@ -770,6 +781,7 @@ class HarnessUpstream(MultiService):
 
     def stopService(self) -> Deferred[None]:
         d = super().stopService()
+        self.client.cancel_all()
         pool = self._pool
         if pool is not None:
             d.addCallback(lambda _: pool.closeCachedConnections())

@@ -18,7 +18,7 @@ from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.web.server import Site
 
 SECRET = "saas-double-secret-0123456789abcdef-xyz"
@@ -49,6 +49,19 @@ def segment(identifier: str, included: list[str] = (), version: int = 1) -> dict
             "included": [{"identifier": t, "name": t} for t in included]}
 
 
+class _TrackingSite(Site):
+    """A Site that knows its open connections, so the double can close them all on stop."""
+
+    def __init__(self, resource: Any) -> None:
+        super().__init__(resource)
+        self.channels: set[Any] = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        self.channels.add(channel)
+        return channel
+
+
 class HarnessSaaS:
     app = Klein()
 
@@ -70,15 +83,22 @@ class HarnessSaaS:
     # -- test controls
 
     async def start(self) -> str:
-        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(self.app.resource()))
+        self.site = _TrackingSite(self.app.resource())
+        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.site)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
         self.heartbeat.start(0.1, now=False)
         return self.url
 
     async def stop(self) -> None:
+        """Stop listening and cut every connection still open (pooled keep-alives, stalled requests)."""
         self.heartbeat.stop()
         self.close_streams()
         await self.port.stopListening()
+        for channel in list(self.site.channels):
+            transport = getattr(channel, "transport", None)
+            if transport is not None and transport.connected:
+                transport.abortConnection()
+        await deferLater(reactor, 0, lambda: None)
 
     def add_env(self, uuid: str, key: str, identifier: str = "dev", project: str = "proj") -> Env:
         env = self.envs[uuid] = Env(uuid, identifier, project, [key])
