@@ -88,6 +88,8 @@ class HealthAPI:
                 entry[field] = meta[key]
         if meta.get("mobile_key"):
             entry["mobileKey"] = obscure(meta["mobile_key"])
+        if meta.get("expiring_sdk_key"):
+            entry["expiringSdkKey"] = obscure(meta["expiring_sdk_key"])
         entry["status"] = "connected" if self.connected(env) else "disconnected"
         connection: dict[str, Any] = {"state": st.state, "stateSince": _ms(st.since)}
         if st.error_kind is not None and st.error_time is not None:

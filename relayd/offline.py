@@ -64,7 +64,7 @@ def item_version(data: Any) -> int:
 
 def apply(env: Environment, data: EnvData) -> None:
     """Make ``env`` hold ``data``: a full replace the first time, upserts and deletes after that."""
-    env.meta.update(data.meta)
+    env.update_meta(data.meta)
     if not env.initialized:
         env.replace({kind: {key: Item(item_version(v), v) for key, v in items.items()}
                      for kind, items in data.kinds.items()})

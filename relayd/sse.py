@@ -120,6 +120,13 @@ class SSEHub(Service):
             return succeed(None)
         return deferLater(self.clock, 0.2, lambda: None)  # let the final chunks and FINs go out
 
+    def set_heartbeat(self, seconds: float) -> None:
+        """Change the heartbeat period of the running hub (configuration reload)."""
+        self.heartbeat = seconds
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
+            self._beat.start(seconds, now=False)
+
     # -- subscribing
 
     def subscribe(self, request: IRequest, topic: Hashable, *, initial: bytes | None = None, info: Any = None,

@@ -60,6 +60,10 @@ UNKNOWN = "UNKNOWN"
 # connection closes cleanly; nobody looks at it).
 _DISCARD_LIMIT = 64 * 1024
 
+# Largest event (or single line) the parser buffers: a hostile or broken upstream that never sends a line end
+# would otherwise grow the buffer without bound. LaunchDarkly puts of big projects run to tens of MiB.
+MAX_EVENT_SIZE = 64 * 1024 * 1024
+
 
 # --------------------------------------------------------------------------------------------
 # Parsing
@@ -89,9 +93,12 @@ class EventParser:
     (invalid bytes become U+FFFD), comments (ignored), and ``id``/``retry`` fields. An event that
     is still incomplete when the connection ends is never dispatched: use one parser per
     connection and pass the previous ``last_event_id`` on.
+
+    A line or an event's data growing past ``max_size`` characters raises
+    :class:`StreamError` (``INVALID_DATA``) from :meth:`feed`.
     """
 
-    def __init__(self, last_event_id: str = "") -> None:
+    def __init__(self, last_event_id: str = "", max_size: int = MAX_EVENT_SIZE) -> None:
         # WHATWG: an id field fills the buffer; the "last event ID string" (what a reconnect
         # sends) only takes the buffer's value at a blank line, so an id inside an event cut
         # off by a disconnect is never committed.
@@ -103,8 +110,14 @@ class EventParser:
         self._decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
         self._partial: list[str] = []  # pieces of the current, unterminated line
         self._skip_lf = False  # the previous chunk ended with \r: a leading \n is part of it
+        self._partial_size = 0
         self._data: list[str] = []
+        self._data_size = 0
         self._event_type = ""
+        self._max_size = max_size
+
+    def _too_big(self) -> StreamError:
+        return StreamError(INVALID_DATA, f"event larger than {self._max_size} characters")
 
     def pop_retry(self) -> int | None:
         """Return a ``retry:`` value (ms) received since the last call, else None."""
@@ -123,13 +136,18 @@ class EventParser:
         while pos < end:
             m = _EOL.search(text, pos)
             if m is None:
-                self._partial.append(text[pos:])
+                rest = text[pos:]
+                self._partial.append(rest)
+                self._partial_size += len(rest)
+                if self._partial_size + self._data_size > self._max_size:
+                    raise self._too_big()
                 break
             line = text[pos : m.start()]
             if self._partial:
                 self._partial.append(line)
                 line = "".join(self._partial)
                 self._partial.clear()
+                self._partial_size = 0
             if m.end() == end and m.group() == "\r":
                 self._skip_lf = True
             pos = m.end()
@@ -146,6 +164,9 @@ class EventParser:
         if colon and value[:1] == " ":
             value = value[1:]
         if name == "data":
+            self._data_size += len(value) + 1
+            if self._data_size > self._max_size:
+                raise self._too_big()
             self._data.append(value)
         elif name == "event":
             self._event_type = value
@@ -166,6 +187,7 @@ class EventParser:
                 )
             )
         self._data = []
+        self._data_size = 0
         self._event_type = ""
 
 
@@ -373,6 +395,7 @@ class SSEClient(Service):
         reset_after: float = 60.0,
         random: Callable[[], float] = _random.random,
         connect_timeout: float = 10.0,
+        max_event_size: int = MAX_EVENT_SIZE,
     ) -> None:
         self._url = url
         self._headers = headers
@@ -396,6 +419,7 @@ class SSEClient(Service):
         self._max_delay = max_delay
         self._reset_after = reset_after
         self._random = random
+        self._max_event_size = max_event_size
 
         self._base_delay = initial_delay
         self._retry_count = 0
@@ -490,7 +514,7 @@ class SSEClient(Service):
 
     def _connect(self) -> None:
         self._retry_call = None
-        attempt = _Attempt(EventParser(self._last_event_id))
+        attempt = _Attempt(EventParser(self._last_event_id, self._max_event_size))
         self._current = attempt
         try:
             url = self._url() if callable(self._url) else self._url
@@ -604,7 +628,11 @@ class SSEClient(Service):
         if attempt is not self._current:
             return
         parser = attempt.parser
-        events = parser.feed(data)
+        try:
+            events = parser.feed(data)
+        except StreamError as e:
+            self._abort(attempt, e)
+            return
         retry = parser.pop_retry()
         if retry is not None:
             # The server's retry: is the new base delay (and, as in LaunchDarkly's clients,

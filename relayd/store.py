@@ -47,7 +47,8 @@ class ItemChange:
 
 @dataclass(frozen=True)
 class Change:
-    """What one store operation did: ``op`` is replace, upsert, delete or status."""
+    """What one store operation did: ``op`` is replace, upsert, delete, status or meta (and, from the Store,
+    add or remove of an environment)."""
 
     env: "Environment"
     op: str
@@ -64,6 +65,7 @@ class Status:
 
 
 Observer = Callable[[Change], None]
+_MISSING = object()
 
 
 class Observers:
@@ -180,6 +182,12 @@ class Environment:
         self._emit(Change(self, op, (ItemChange(kind, key, old, new),)))
         return True
 
+    def update_meta(self, meta: Mapping[str, Any]) -> None:
+        """Merge names and keys; observers hear a ``meta`` change (credential indexes depend on it)."""
+        if any(self.meta.get(k, _MISSING) != v for k, v in meta.items()):
+            self.meta.update(meta)
+            self._emit(Change(self, "meta"))
+
     def set_status(self, state: str, *, error_kind: str | None = None, error_message: str | None = None) -> None:
         """Record the upstream connection state; ``since`` moves only when the state itself changes."""
         now = self._clock.seconds()
@@ -226,7 +234,7 @@ class Store:
             env = self._envs[(family, env_id)] = Environment(family, env_id, self.clock, meta, self._emit)
             self._emit(Change(env, "add"))
         elif meta:
-            env.meta.update(meta)
+            env.update_meta(meta)
         return env
 
     def remove(self, family: str, env_id: str) -> None:

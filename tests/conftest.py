@@ -29,3 +29,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def abort_connections(site: object) -> None:
+    """Drop the server side of connections a client left open (keep-alive pools of the vendors' SDKs).
+
+    Stopping a listening port does not close the connections it accepted; without this they outlive the test.
+    """
+    from twisted.internet import reactor, tcp
+
+    for selectable in reactor.getReaders() + reactor.getWriters():
+        if isinstance(selectable, tcp.Server) and getattr(selectable.protocol, "factory", None) is site:
+            selectable.abortConnection()

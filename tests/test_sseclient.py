@@ -639,11 +639,15 @@ def upstream():
     for request in resource.all_requests:
         if not request.finished and request.channel is not None and request.channel.transport:
             request.channel.transport.abortConnection()
+    ours = port.getHost().port
     pytest_twisted.blockon(port.stopListening())
     pytest_twisted.blockon(task.deferLater(reactor, 0, lambda: None))
     sockets = reactor.getReaders() + reactor.getWriters()
-    assert [s for s in sockets if isinstance(s, (tcp.Connection, tcp.Port))] == []
-    assert reactor.getDelayedCalls() == []  # no watchdog or retry timer left behind
+    left = [s for s in sockets if isinstance(s, tcp.Port) and s.getHost().port == ours
+            or isinstance(s, tcp.Connection) and ours in (s.getHost().port, s.getPeer().port)]
+    assert left == []
+    timers = [c for c in reactor.getDelayedCalls() if "sseclient" in repr(c.func)]
+    assert timers == []  # no watchdog or retry timer left behind
 
 
 class Recorder:
@@ -791,3 +795,42 @@ async def test_loopback_stop_service_closes_connection(upstream: Upstream):
     assert rec.error_list == []
     await task.deferLater(reactor, 0.1, lambda: None)
     assert len(upstream.all_requests) == 1  # no reconnect after stop
+
+
+# ------------------------------------------------------------------------------------------
+# Buffer cap
+
+
+def test_parser_line_over_cap_is_invalid_data():
+    p = EventParser(max_size=100)
+    p.feed(b"data: " + b"x" * 60)
+    with pytest.raises(StreamError) as e:
+        p.feed(b"x" * 60)  # still no line end: 126 characters buffered
+    assert e.value.kind == INVALID_DATA and e.value.recoverable
+
+
+def test_parser_many_data_lines_over_cap_is_invalid_data():
+    p = EventParser(max_size=100)
+    assert p.feed(b"data: " + b"y" * 40 + b"\n") == []
+    with pytest.raises(StreamError):
+        p.feed(b"data: " + b"y" * 40 + b"\ndata: " + b"y" * 40 + b"\n")
+
+
+def test_parser_cap_is_per_event_not_per_stream():
+    p = EventParser(max_size=100)
+    for i in range(10):  # 10 x 80 characters in total, each event under the cap
+        assert p.feed(b"data: " + b"z" * 80 + b"\n\n") == [SSEEvent("message", "z" * 80)]
+
+
+def test_client_aborts_and_reconnects_on_oversized_line():
+    h = Harness(max_event_size=50)
+    h.client.startService()
+    r = h.last.respond()
+    r.send(b"data: ok\n\n")
+    r.send(b"data: " + b"x" * 100)
+    assert r.transport.stopped
+    assert [e.data for e in h.events] == ["ok"]
+    (err,) = h.errors
+    assert err.kind == INVALID_DATA and err.recoverable
+    h.clock.advance(1.0)
+    assert len(h.http.calls) == 2

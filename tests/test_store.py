@@ -18,7 +18,9 @@ def test_add_is_idempotent_and_merges_meta() -> None:
     env = store.add("harness", "e1", {"name": "one"})
     assert store.add("harness", "e1", {"api_keys": ("k",)}) is env
     assert env.meta == {"name": "one", "api_keys": ("k",)}
-    assert [c.op for c in seen] == ["add"]
+    assert store.add("harness", "e1", {"name": "one"}) is env  # nothing new: no change reported
+    # a metadata change (e.g. the key hashes) is reported, so key indexes can be rebuilt on change only
+    assert [c.op for c in seen] == ["add", "meta"]
     assert store.environments("harness") == [env] and store.environments("launchdarkly") == []
 
 
@@ -125,3 +127,13 @@ def test_remove_notifies() -> None:
     store.remove("harness", "e")
     assert store.environment("harness", "e") is None
     assert [c.op for c in seen] == ["add", "remove"]
+
+
+def test_meta_changes_are_observed_once() -> None:
+    store, _, seen = make()
+    env = store.add("launchdarkly", "e", {"sdk_key": "a"})
+    store.add("launchdarkly", "e", {"sdk_key": "a"})
+    env.update_meta({"sdk_key": "a"})
+    assert [c.op for c in seen] == ["add"]
+    store.add("launchdarkly", "e", {"sdk_key": "b"})
+    assert [c.op for c in seen] == ["add", "meta"] and env.meta["sdk_key"] == "b"

@@ -161,9 +161,15 @@ def test_twistd_runs_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> N
         assert health is not None and status is not None
         assert {e["id"] for e in health["environments"]} == {HARNESS_ENV, LD_ENV_ID}
         assert LD_ENV_ID in status["environments"] and status["status"] == "healthy"
+        # SIGHUP re-reads the configuration instead of killing the daemon (Twisted installs no handler)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        assert urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/health", timeout=2).status == 200
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=20)
     # twistd stopped by a signal exits by that signal, as a shell expects of Ctrl-C
     assert proc.returncode in (0, -signal.SIGINT), out
     assert "Server Shut Down." in out and "Traceback" not in out
+    assert "SIGHUP: configuration" in out and "re-read" in out

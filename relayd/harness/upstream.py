@@ -648,6 +648,14 @@ class KeySource(Service):
 # ---------------------------------------------------------------------------------------------- metrics
 
 
+def target_json(target: Any) -> dict[str, Any]:
+    """The client-API Target object of an SDK's target (``relayd.harness.evaluate.Target`` or a dict)."""
+    if isinstance(target, Mapping):
+        return dict(target)
+    return {"identifier": target.identifier, "name": target.name, "anonymous": bool(target.anonymous),
+            "attributes": dict(target.attributes)}
+
+
 class MetricsForwarder(Service):
     """Every ``interval``: post each environment's aggregated SDK metrics, and replay registered targets.
 

@@ -1,0 +1,110 @@
+"""The HS256 JWTs relayd issues to Harness SDKs at ``POST /client/auth`` and checks on every protected route.
+
+Written by hand (hmac, hashlib, base64) because the format is tiny and fixed: header ``{"alg":"HS256","typ":"JWT"}``
+and the claims of the vendor's v2 relay, ``environment``, ``clusterIdentifier`` ("1"), ``iat``, ``nbf`` and
+``apiKey`` = ``auth-key-<sha256 hex of the SDK key>``. The hashed key in the token is what lets a revoked key revoke
+its tokens: the caller checks it against the environment's current key hashes on every request. There is no
+``exp`` (the vendor issues none). Pure module: no I/O, the time is passed in.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["KEY_PREFIX", "Claims", "TokenError", "issue", "key_hash", "make_secret", "verify"]
+
+KEY_PREFIX = "auth-key-"
+_HEADER = {"alg": "HS256", "typ": "JWT"}
+
+
+class TokenError(Exception):
+    """A token that is malformed, not signed by us, or not yet valid (the message never contains the token)."""
+
+
+@dataclass(frozen=True)
+class Claims:
+    environment: str
+    key_hash: str  # sha256 hex of the SDK key the token was issued for
+    cluster: str
+    issued_at: int
+
+
+def key_hash(api_key: str) -> str:
+    """The lowercase SHA-256 hex of an SDK key: how keys are stored and compared, never in clear."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def make_secret(configured: str) -> bytes:
+    """The configured secret, or (offline mode may leave it empty) a random one valid for this process only."""
+    return (configured or secrets.token_hex(32)).encode("utf-8")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    if not text or len(text) % 4 == 1 or not all(c.isalnum() or c in "-_" for c in text):
+        raise TokenError("token segment is not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _sign(secret: bytes, signing_input: str) -> bytes:
+    return hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest()
+
+
+def _compact(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+
+def issue(secret: bytes, environment: str, hashed_key: str, now: float) -> str:
+    """A token for an SDK that authenticated with the key whose hash is ``hashed_key``."""
+    issued = int(now)
+    claims = {"environment": environment, "clusterIdentifier": "1", "iat": issued, "nbf": issued,
+              "apiKey": KEY_PREFIX + hashed_key}
+    signing_input = f"{_b64(_compact(_HEADER))}.{_b64(_compact(claims))}"
+    return f"{signing_input}.{_b64(_sign(secret, signing_input))}"
+
+
+def verify(secret: bytes, token: str, now: float | None = None, leeway: float = 60.0) -> Claims:
+    """The claims of a token we signed; TokenError otherwise. The signature is compared in constant time
+    and checked before anything of the payload is trusted."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenError("token is not three base64url segments")
+    try:
+        signing_input = f"{parts[0]}.{parts[1]}"
+        signing_input.encode("ascii")
+    except UnicodeEncodeError:
+        raise TokenError("token is not ASCII") from None
+    signature = _unb64(parts[2])
+    if not hmac.compare_digest(signature, _sign(secret, signing_input)):
+        raise TokenError("bad signature")
+    try:
+        header = json.loads(_unb64(parts[0]))
+        payload = json.loads(_unb64(parts[1]))
+    except ValueError:
+        raise TokenError("token segment is not JSON") from None
+    if not isinstance(header, dict) or header.get("alg") != "HS256":
+        raise TokenError("token algorithm is not HS256")
+    if not isinstance(payload, dict):
+        raise TokenError("token claims are not an object")
+    environment, api_key = payload.get("environment"), payload.get("apiKey")
+    if not isinstance(environment, str) or not environment:
+        raise TokenError("token has no environment")
+    if not isinstance(api_key, str) or not api_key.startswith(KEY_PREFIX):
+        raise TokenError("token has no apiKey")
+    nbf = payload.get("nbf")
+    if now is not None and isinstance(nbf, (int, float)) and not isinstance(nbf, bool) and nbf > now + leeway:
+        raise TokenError("token not valid yet")
+    cluster = payload.get("clusterIdentifier")
+    iat = payload.get("iat")
+    return Claims(environment=environment, key_hash=api_key[len(KEY_PREFIX):],
+                  cluster=cluster if isinstance(cluster, str) else "1",
+                  issued_at=iat if isinstance(iat, int) and not isinstance(iat, bool) else 0)
