@@ -164,7 +164,7 @@ async def test_startup_pages_every_admin_list_and_loads_the_store(saas, running)
     await eventually(connected(r, saas))
     env = r.env
     assert set(env.all("flags")) == {"f0", "f1", "f2"}
-    assert env.get("segments", "beta")["included"] == [{"identifier": "t1", "name": "t1"}]
+    assert [t["identifier"] for t in env.get("segments", "beta")["included"]] == ["t1"]
     assert set(env.all("targets")) == {f"t{i}" for i in range(5)}
     hashes = {sha256_hex(KEY)} | {hashlib.sha256(f"client-{i}".encode()).hexdigest() for i in range(4)}
     assert env.meta["api_key_hashes"] == frozenset(hashes)
@@ -527,3 +527,79 @@ def test_startup_retries_auth_on_the_backoff_schedule_and_gives_up_on_401():
     clock2.advance(100)
     assert len(api2.calls) == 1
     source2.stopService()
+
+
+# ---------------------------------------------------------------------------------------------- real SDK
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_sdk_through_relayd_sees_changes_and_metrics_arrive_once(saas):
+    featureflags = pytest.importorskip("featureflags")  # noqa: F841
+    import logging
+    import time
+
+    from featureflags.client import CfClient
+    from featureflags.config import with_analytics_enabled, with_base_url, with_events_url, with_pull_interval, \
+        with_stream_enabled
+    from featureflags.evaluations.auth_target import Target
+
+    from relayd.config import Config, RelaydConfig
+    from relayd.service import make_service
+    from tests.conftest import abort_connections, free_port
+
+    logging.getLogger("featureflags").setLevel(logging.CRITICAL)
+    port = free_port()
+    top = make_service(Config(relayd=RelaydConfig(listen=(f"tcp:{port}:interface=127.0.0.1",), auth_secret="s" * 32,
+                                                  heartbeat=5.0),
+                              harness=config(saas, target_poll=0.0)), reactor)
+    top.startService()
+    base = f"http://127.0.0.1:{port}"
+    clients: list[Any] = []
+    try:
+        await eventually(lambda: (e := top.store.environment("harness", ENV)) is not None
+                         and e.status.state == VALID, 5.0)
+
+        def start() -> Any:
+            c = CfClient(KEY, with_base_url(base), with_events_url(base), with_stream_enabled(True),
+                         with_pull_interval(60), with_analytics_enabled(True))
+            c.wait_for_initialization()
+            return c
+        clients.append(await deferToThread(start))
+        clients.append(await deferToThread(start))
+        t1 = Target(identifier="t1", name="T1")
+        assert await deferToThread(clients[0].bool_variation, "f1", t1, False) is True
+        await eventually(lambda: top.hub.count(("harness", ENV)) >= 2, 10.0)
+
+        saas.set_flag(ENV, flag("f1", on=False))  # the SaaS streams a patch: relayd fetches, SDKs hear it
+        changed = time.monotonic()
+
+        async def until(check: Callable[[], bool], timeout: float) -> bool:
+            while time.monotonic() - changed < timeout:
+                if await deferToThread(check):
+                    return True
+                await task.deferLater(reactor, 0.05, lambda: None)
+            return False
+        assert await until(lambda: clients[0].bool_variation("f1", t1, True) is False, 2.0), "not within 2 s"
+
+        # an outage of relayd's upstream stream: the SDK streams stay open, and a change made meanwhile (no event)
+        # still reaches the SDKs after the re-sync
+        saas.drop_streams(mid_event=True)
+        saas.set_flag(ENV, flag("f2", on=False), notify=False)
+        changed = time.monotonic()
+        assert await until(lambda: clients[1].bool_variation("f2", t1, True) is False, 5.0)
+
+        # metrics of both SDKs, aggregated by relayd, posted upstream once
+        for client, n in ((clients[0], 3), (clients[1], 2)):
+            for _ in range(n):
+                await deferToThread(client.bool_variation, "f0", t1, False)
+            await deferToThread(client._analytics._send_data)
+        upstream = top.getServiceNamed("harness-upstream")
+        await upstream.forwarder.tick()
+        await upstream.forwarder.tick()
+        assert counts(saas)["f0"] == 5 and len(saas.metrics) == 1
+    finally:
+        for c in clients:
+            await deferToThread(c.close)
+        await top.stopService()
+        abort_connections(top.site)
+        await task.deferLater(reactor, 0.05, lambda: None)

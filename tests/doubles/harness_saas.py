@@ -46,7 +46,8 @@ def flag(feature: str, on: bool = True, version: int = 1) -> dict[str, Any]:
 
 def segment(identifier: str, included: list[str] = (), version: int = 1) -> dict[str, Any]:
     return {"identifier": identifier, "name": identifier, "version": version, "rules": [], "excluded": [],
-            "included": [{"identifier": t, "name": t} for t in included]}
+            "included": [{"identifier": t, "name": t, "account": "acc", "org": "org", "environment": "dev",
+                          "project": "proj", "anonymous": False, "attributes": {}} for t in included]}
 
 
 class _TrackingSite(Site):
