@@ -103,6 +103,19 @@ def make_service(config: Config, reactor: Any) -> Relayd:
         OfflineSource(store, config.relayd.offline_dir,
                       {"harness": harness_offline.read, "launchdarkly": ld_offline.read},
                       reactor, interval=config.relayd.offline_poll).setServiceParent(top)
+    if config.harness is not None and not config.offline:
+        # Harness SaaS traffic: per-key sync and streams, target polling, metrics forwarding (the SDK API's
+        # metrics buffer, and the targets SDKs register at /client/auth, go upstream through it).
+        from relayd.harness.upstream import HarnessUpstream, target_json
+
+        harness_upstream = HarnessUpstream(config.harness, store, reactor, metrics=harness_api.metrics)
+        harness_upstream.setServiceParent(top)
+        remember = harness_api.remember_target
+
+        def remember_and_forward(env_id: str, target: Any) -> None:
+            remember(env_id, target)
+            harness_upstream.register_target(env_id, target_json(target))
+        harness_api.remember_target = remember_and_forward  # type: ignore[method-assign]
     # --- LaunchDarkly upstream: one /all stream per [launchdarkly "NAME"] section, and event forwarding.
     if not config.offline:
         from relayd.launchdarkly.upstream import EnvironmentStream
