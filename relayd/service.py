@@ -14,9 +14,14 @@ from relayd.admin import AdminAPI
 from relayd.config import Config
 from relayd.harness import offline as harness_offline
 from relayd.harness.api import HarnessAPI
+from relayd.harness.metrics import MetricsBuffer
 from relayd.harness.tokens import make_secret
+from relayd.harness.upstream import HarnessUpstream, target_json
 from relayd.health import HealthAPI
 from relayd.launchdarkly import offline as ld_offline
+from relayd.launchdarkly.api import LaunchDarklyAPI, configured_environments
+from relayd.launchdarkly.events import DiscardEvents, EventForwarder, EventSink
+from relayd.launchdarkly.upstream import EnvironmentStream, GoalsProxy
 from relayd.logs import Logger
 from relayd.offline import OfflineSource
 from relayd.reload import ReloadOnHUP
@@ -68,33 +73,47 @@ def configured(config: Config) -> Callable[[dict[str, Any]], bool]:
 
 
 def make_service(config: Config, reactor: Any) -> Relayd:
+    """The whole daemon: store and SSE hub, the families' SDK APIs on every listener, and the sources that feed
+    the store (offline folder, or the vendors, with warm-restart snapshots), plus the admin listener."""
     logs.set_level(config.relayd.log_level)
     soft, _ = raise_nofile_limit()
     log.info("open files limit: {n}", n=soft)
+    online = not config.offline
 
     store = Store(reactor)
     hub = SSEHub(reactor, heartbeat=config.relayd.heartbeat, max_backlog=config.relayd.sse_buffer)
-    health = HealthAPI(store, reactor, config.launchdarkly.disconnected_status_time)
-    apps: list[tuple[tuple[str, ...], Any]] = [(health.segments, health.resource())]
-    # LaunchDarkly SDK routes; events go to the upstream forwarder, or are discarded offline.
-    from relayd.launchdarkly.api import LaunchDarklyAPI, configured_environments
-    from relayd.launchdarkly.events import DiscardEvents, EventForwarder, EventSink
+
+    # Upstream services are built first: the SDK APIs hand them what SDKs post (events, metrics, targets).
+    harness_metrics = MetricsBuffer()
+    harness_upstream = None
+    if online and config.harness is not None:
+        harness_upstream = HarnessUpstream(config.harness, store, reactor, metrics=harness_metrics)
     ld_events: EventSink = DiscardEvents()
-    if not config.offline:
+    ld_streams: list[EnvironmentStream] = []
+    goals = None
+    if online:
         ld_events = EventForwarder(config.launchdarkly, clock=reactor)
-    from relayd.launchdarkly.upstream import GoalsProxy
-    goals = None if config.offline else GoalsProxy(config.launchdarkly.client_side_base_url, clock=reactor)
+        goals = GoalsProxy(config.launchdarkly.client_side_base_url, clock=reactor)
+        ld_streams = [EnvironmentStream(store, env, config.launchdarkly, clock=reactor)
+                      for env in config.launchdarkly.environments]
+    else:
+        configured_environments(store, config.launchdarkly)
+
+    health = HealthAPI(store, reactor, config.launchdarkly.disconnected_status_time)
     launchdarkly = LaunchDarklyAPI(store, hub, reactor, ld_events, offline=config.offline, goals=goals,
                                    max_event_body=config.relayd.max_body)
-    configured_environments(store, config.launchdarkly)
-    apps.append((launchdarkly.segments, launchdarkly.resource()))
-    harness_api = HarnessAPI(store, hub, reactor, make_secret(config.relayd.auth_secret))
-    apps.append((harness_api.segments, harness_api.resource()))
-    site = RelaydSite(build_router(apps), clock=reactor, max_body=config.relayd.max_body)
+    harness = HarnessAPI(store, hub, reactor, make_secret(config.relayd.auth_secret), metrics=harness_metrics,
+                         on_target=None if harness_upstream is None else
+                         lambda env_id, target: harness_upstream.register_target(env_id, target_json(target)))
+    site = RelaydSite(build_router([(health.segments, health.resource()),
+                                    (launchdarkly.segments, launchdarkly.resource()),
+                                    (harness.segments, harness.resource())]),
+                      clock=reactor, max_body=config.relayd.max_body)
 
     top = Relayd(config, store, hub, site)
+    top.ld_events = ld_events
     hub.setServiceParent(top)
-    if config.relayd.state_dir is not None and config.relayd.offline_dir is None:
+    if config.relayd.state_dir is not None and online:
         snapshots = SnapshotService(store, config.relayd.state_dir, reactor, wanted=configured(config))
         snapshots.load()  # before any source starts: serve the last data while upstream is unreachable
         snapshots.setServiceParent(top)
@@ -103,28 +122,12 @@ def make_service(config: Config, reactor: Any) -> Relayd:
         OfflineSource(store, config.relayd.offline_dir,
                       {"harness": harness_offline.read, "launchdarkly": ld_offline.read},
                       reactor, interval=config.relayd.offline_poll).setServiceParent(top)
-    if config.harness is not None and not config.offline:
-        # Harness SaaS traffic: per-key sync and streams, target polling, metrics forwarding (the SDK API's
-        # metrics buffer, and the targets SDKs register at /client/auth, go upstream through it).
-        from relayd.harness.upstream import HarnessUpstream, target_json
-
-        harness_upstream = HarnessUpstream(config.harness, store, reactor, metrics=harness_api.metrics)
+    if harness_upstream is not None:
         harness_upstream.setServiceParent(top)
-        remember = harness_api.remember_target
-
-        def remember_and_forward(env_id: str, target: Any) -> None:
-            remember(env_id, target)
-            harness_upstream.register_target(env_id, target_json(target))
-        harness_api.remember_target = remember_and_forward  # type: ignore[method-assign]
-    # --- LaunchDarkly upstream: one /all stream per [launchdarkly "NAME"] section, and event forwarding.
-    if not config.offline:
-        from relayd.launchdarkly.upstream import EnvironmentStream
-        for env_config in config.launchdarkly.environments:
-            EnvironmentStream(store, env_config, config.launchdarkly, clock=reactor).setServiceParent(top)
-        if isinstance(ld_events, EventForwarder):
-            ld_events.setServiceParent(top)
-    top.ld_events = ld_events
-    # --- end LaunchDarkly upstream
+    for stream in ld_streams:
+        stream.setServiceParent(top)
+    if isinstance(ld_events, EventForwarder):
+        ld_events.setServiceParent(top)
     if config.path is not None:
         ReloadOnHUP(config.path, config, hub, reactor).setServiceParent(top)
     for description in config.relayd.listen:

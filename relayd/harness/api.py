@@ -122,7 +122,9 @@ class HarnessAPI:
     segments = ("client", "stream", "metrics")
 
     def __init__(self, store: Store, hub: SSEHub, clock: IReactorTime, secret: bytes,
-                 metrics: MetricsBuffer | None = None, target_cache_size: int = 10_000) -> None:
+                 metrics: MetricsBuffer | None = None, target_cache_size: int = 10_000,
+                 on_target: Callable[[str, Target], None] | None = None) -> None:
+        self.on_target = on_target  # told of every target an SDK authenticates with (forwarded to the SaaS)
         self.store = store
         self.hub = hub
         self.clock = clock
@@ -247,6 +249,8 @@ class HarnessAPI:
             raise _fail(401, {"error": "unauthorised"})
         if target is not None and target.identifier:
             self.remember_target(env.id, target)
+            if self.on_target is not None:
+                self.on_target(env.id, target)
         token = tokens.issue(self._secret, env.id, hashed, self.clock.seconds())
         return _ok(request, _body({"authToken": token}))
 
