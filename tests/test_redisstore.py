@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -78,8 +78,15 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
         return server
 
     yield make
-    for server in servers:
-        server.stop()
+    try:
+        # every test closes its connections: nothing of ours may be left talking to a Redis port
+        ports = {server.port for server in servers}
+        left = [s for s in reactor.getReaders() + reactor.getWriters()
+                if isinstance(s, tcp.Client) and s.getPeer().port in ports]
+        assert left == [], left
+    finally:
+        for server in servers:
+            server.stop()
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float = 3.0) -> float:
@@ -264,7 +271,9 @@ async def test_redis_restart_reader_resyncs_without_dropping_environments(redis_
     wenv = wstore.add("launchdarkly", "e1")
     wenv.replace({"flags": flags(a=1, b=1)})
     wenv.set_status(VALID)
-    writer, reader = writer_for(wstore, server.url), reader_for(rstore, server.url)
+    # the writer reconnects later than the reader: the reader first finds an empty Redis and no writer
+    writer = writer_for(wstore, server.url, initial_delay=0.6, max_delay=0.6)
+    reader = reader_for(rstore, server.url)
     writer.startService()
     reader.startService()
     removed: list[Change] = []
@@ -278,6 +287,9 @@ async def test_redis_restart_reader_resyncs_without_dropping_environments(redis_
         wenv.upsert("flags", "a", 2, {"key": "a", "version": 2})  # changed while Redis was down
         assert renv.get("flags", "a") == {"key": "a", "version": 1}  # local data keeps being served
         server.start()
+        await eventually(lambda: reader.synced)
+        assert not writer.link.up and rstore.environment("launchdarkly", "e1") is renv
+        assert renv.status.state == INTERRUPTED
         await eventually(lambda: renv.status.state == VALID and renv.get("flags", "a") == {"key": "a", "version": 2},
                          timeout=5.0)
         wenv.upsert("flags", "b", 2, {"key": "b", "version": 2})
@@ -321,3 +333,53 @@ async def test_no_password_in_logs(redis_server: Any) -> None:
     assert f"127.0.0.1:{closed}" in text
     assert password not in text  # ... without the password
     assert password not in repr(rstore.environment("launchdarkly", "e1").meta)
+
+
+# ---------------------------------------------------------------------------------------------- whole daemons
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_relayds_share_state_through_redis(redis_server: Any, offline_dir: Path) -> None:
+    import treq
+
+    from relayd.config import loads
+    from relayd.service import make_service
+
+    server = redis_server()
+    writer_port, reader_port = free_port(), free_port()
+    writer = make_service(loads(f"""
+[relayd]
+listen = tcp:{writer_port}:interface=127.0.0.1
+offline_dir = {offline_dir}
+[redis]
+url = {server.url}
+role = writer
+prefix = e2e
+"""), reactor)
+    reader = make_service(loads(f"""
+[relayd]
+listen = tcp:{reader_port}:interface=127.0.0.1
+auth_secret = shared-secret
+[redis]
+url = {server.url}
+role = reader
+prefix = e2e
+"""), reactor)
+    assert reader.getServiceNamed("redis-reader") and writer.getServiceNamed("redis-writer")
+    writer.startService()
+    reader.startService()
+    try:
+        await eventually(lambda: {(e.family, e.id) for e in reader.store}
+                         == {(e.family, e.id) for e in writer.store} != set(), timeout=5.0)
+        response = await treq.get(f"http://127.0.0.1:{reader_port}/status", persistent=False)
+        body = await response.json()
+        assert len(body["environments"]) == len(writer.store.environments())
+        for entry in body["environments"].values():
+            assert entry["dataStoreStatus"]["database"] == "redis"
+            assert entry["dataStoreStatus"]["dbPrefix"] == "e2e"
+        for env in writer.store:
+            mirrored = reader.store.environment(env.family, env.id)
+            assert {k: mirrored.items(k) for k in env.kinds()} == {k: env.items(k) for k in env.kinds()}
+    finally:
+        await reader.stopService()
+        await writer.stopService()
