@@ -27,8 +27,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
@@ -163,10 +164,9 @@ class RedisLink:
             log.info("Redis {server} ({name}) reachable again", server=self.url.safe, name=self.name)
         self._failures = 0
         self.conn = conn
-        try:
-            conn.transport.setTcpKeepAlive(1)  # a half-open subscriber would otherwise wait forever
-        except Exception:
-            pass
+        keepalive = getattr(conn.transport, "setTcpKeepAlive", None)  # not on a TLS wrapper
+        if keepalive is not None:
+            keepalive(1)  # a half-open subscriber connection would otherwise wait forever
         if self._on_up is not None:
             self._on_up(self)
 
@@ -746,5 +746,5 @@ def redis_service(store: Store, config: RedisConfig, reactor: Any, **options: An
     return RedisWriter(store, url, config.prefix, reactor, **options)
 
 
-__all__ = ["RedisURL", "parse_url", "RedisLink", "RedisWriter", "RedisReader", "redis_service", "follows_redis",
-           "db_meta", "encode_status", "decode_status"]
+__all__ = ["RedisLink", "RedisReader", "RedisURL", "RedisWriter", "db_meta", "decode_status", "encode_status",
+           "follows_redis", "parse_url", "redis_service"]

@@ -6,8 +6,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -17,7 +18,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from relayd.config import RedisConfig
 from relayd.health import HealthAPI
-from relayd.redisstore import (RedisLink, RedisReader, RedisWriter, follows_redis, parse_url, redis_service)
+from relayd.redisstore import RedisLink, RedisReader, RedisWriter, follows_redis, parse_url, redis_service
 from relayd.store import INTERRUPTED, VALID, Change, Item, ItemChange, Store
 
 from .conftest import free_port
