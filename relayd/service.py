@@ -24,6 +24,7 @@ from relayd.launchdarkly.events import DiscardEvents, EventForwarder, EventSink
 from relayd.launchdarkly.upstream import EnvironmentStream, GoalsProxy
 from relayd.logs import Logger
 from relayd.offline import OfflineSource
+from relayd.redisstore import follows_redis, redis_service
 from relayd.reload import ReloadOnHUP
 from relayd.snapshot import SnapshotService
 from relayd.sse import SSEHub
@@ -117,6 +118,15 @@ def make_service(config: Config, reactor: Any) -> Relayd:
         snapshots = SnapshotService(store, config.relayd.state_dir, reactor, wanted=configured(config))
         snapshots.load()  # before any source starts: serve the last data while upstream is unreachable
         snapshots.setServiceParent(top)
+    # --- Redis scale-out (relayd/redisstore.py) ------------------------------------------------------------
+    # role = writer: mirror this store to Redis, next to the vendor sources. role = reader: follow Redis
+    # INSTEAD of any vendor source: every vendor upstream block must be guarded with
+    # `if not follows_redis(config):` so that a reader never talks to a vendor (config.py lets a reader
+    # have no vendor section at all; one that has them still only follows Redis).
+    if config.redis is not None:
+        if follows_redis(config):
+            log.info("Redis reader: serving what the writer relayd shares, no vendor connections")
+        redis_service(store, config.redis, reactor).setServiceParent(top)
     if config.relayd.offline_dir is not None:
         log.info("offline mode: serving {folder}", folder=str(config.relayd.offline_dir))
         OfflineSource(store, config.relayd.offline_dir,
