@@ -80,6 +80,8 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     soft, _ = raise_nofile_limit()
     log.info("open files limit: {n}", n=soft)
     online = not config.offline
+    # A Redis reader follows what the writer relayd shares and holds no vendor data connection of its own.
+    vendor = online and not follows_redis(config)
 
     store = Store(reactor)
     hub = SSEHub(reactor, heartbeat=config.relayd.heartbeat, max_backlog=config.relayd.sse_buffer)
@@ -87,7 +89,7 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     # Upstream services are built first: the SDK APIs hand them what SDKs post (events, metrics, targets).
     harness_metrics = MetricsBuffer()
     harness_upstream = None
-    if online and config.harness is not None:
+    if vendor and config.harness is not None:
         harness_upstream = HarnessUpstream(config.harness, store, reactor, metrics=harness_metrics)
     ld_events: EventSink = DiscardEvents()
     ld_streams: list[EnvironmentStream] = []
@@ -95,8 +97,9 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     if online:
         ld_events = EventForwarder(config.launchdarkly, clock=reactor)
         goals = GoalsProxy(config.launchdarkly.client_side_base_url, clock=reactor)
-        ld_streams = [EnvironmentStream(store, env, config.launchdarkly, clock=reactor)
-                      for env in config.launchdarkly.environments]
+        if vendor:
+            ld_streams = [EnvironmentStream(store, env, config.launchdarkly, clock=reactor)
+                          for env in config.launchdarkly.environments]
     else:
         configured_environments(store, config.launchdarkly)
 
@@ -114,15 +117,11 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     top = Relayd(config, store, hub, site)
     top.ld_events = ld_events
     hub.setServiceParent(top)
-    if config.relayd.state_dir is not None and online:
+    if config.relayd.state_dir is not None and vendor:
         snapshots = SnapshotService(store, config.relayd.state_dir, reactor, wanted=configured(config))
         snapshots.load()  # before any source starts: serve the last data while upstream is unreachable
         snapshots.setServiceParent(top)
-    # --- Redis scale-out (relayd/redisstore.py) ------------------------------------------------------------
-    # role = writer: mirror this store to Redis, next to the vendor sources. role = reader: follow Redis
-    # INSTEAD of any vendor source: every vendor upstream block must be guarded with
-    # `if not follows_redis(config):` so that a reader never talks to a vendor (config.py lets a reader
-    # have no vendor section at all; one that has them still only follows Redis).
+    # Redis scale-out: a writer mirrors this store next to its vendor sources; a reader follows it instead.
     if config.redis is not None:
         if follows_redis(config):
             log.info("Redis reader: serving what the writer relayd shares, no vendor connections")
