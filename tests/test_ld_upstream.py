@@ -27,7 +27,7 @@ from relayd.sseclient import (
     SSEEvent,
     StreamError,
 )
-from relayd.store import INITIALIZING, INTERRUPTED, OFF, VALID, Change, Item, Store
+from relayd.store import INTERRUPTED, OFF, VALID, Change, Item, Store
 from tests.doubles.ld_upstream import SDK_KEY, LDUpstreamDouble, make_flag
 
 # ---------------------------------------------------------------------------------------------- pure parsing
@@ -255,8 +255,10 @@ async def test_recoverable_status_backs_off_then_interrupted_after_data(double: 
         for n, expected in enumerate([1.0, 2.0, 4.0], start=1):
             await until(lambda n=n: len(double.stream_requests) == n and rig.stream.client.state == "waiting")
             assert rig.next_retry_delay() == expected
-            # before any data an outage keeps the Go SDK's INITIALIZING, with the error recorded
-            assert rig.env.status.state == INITIALIZING and rig.env.status.error_kind == ERROR_RESPONSE
+            # before any data too, a recoverable failure is INTERRUPTED with the error recorded
+            assert rig.env.status.state == INTERRUPTED and rig.env.status.error_kind == ERROR_RESPONSE
+            assert (await rig.status())["connectionStatus"]["state"] == "INTERRUPTED"
+            assert (await rig.status())["status"] == "disconnected"  # never had data
             rig.clock.advance(expected)
         await until(lambda: rig.env.initialized)
         assert rig.env.status.state == VALID and (await rig.status())["status"] == "connected"

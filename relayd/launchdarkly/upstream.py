@@ -3,7 +3,7 @@
 
 This is what ld-relay's per-environment Go SDK client does (protocol doc section 4.1): stream ``put`` /
 ``patch`` / ``delete`` into the environment's data, report the data-source state the way the Go SDK does
-(``INITIALIZING`` until the first data, ``VALID``, ``INTERRUPTED`` with an error kind, ``OFF`` after an
+(``INITIALIZING`` until the first answer, ``VALID``, ``INTERRUPTED`` with an error kind on a recoverable failure, ``OFF`` after an
 unrecoverable 4xx), and keep retrying with the eventsource backoff. The reconnect machinery itself is
 :class:`relayd.sseclient.SSEClient`.
 
@@ -40,7 +40,7 @@ from relayd.sseclient import (
     SSEEvent,
     StreamError,
 )
-from relayd.store import INITIALIZING, INTERRUPTED, OFF, VALID, Environment, Item, Store
+from relayd.store import INTERRUPTED, OFF, VALID, Environment, Item, Store
 
 __all__ = ["FAMILY", "KINDS", "USER_AGENT", "EnvironmentStream", "environment_for", "parse_event"]
 
@@ -265,9 +265,9 @@ class EnvironmentStream(Service):
                 env.meta["init_failed"] = True
                 self._init_over(False)
             return
-        # Like the Go SDK: an interruption before the first data keeps the state INITIALIZING.
-        state = INITIALIZING if env.status.state == INITIALIZING else INTERRUPTED
-        env.set_status(state, error_kind=error.kind, error_message=error.message)
+        # protocols/launchdarkly.md 4.1: a recoverable failure is INTERRUPTED, before the first data too (the Go
+        # SDK would keep INITIALIZING there; /status says "disconnected" either way until data arrives).
+        env.set_status(INTERRUPTED, error_kind=error.kind, error_message=error.message)
 
     # -- initialization
 
