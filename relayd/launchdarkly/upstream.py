@@ -2,8 +2,8 @@
 """One LaunchDarkly upstream stream per configured environment: ``GET {stream_url}/all`` into the store.
 
 This is what ld-relay's per-environment Go SDK client does (protocol doc section 4.1): stream ``put`` /
-``patch`` / ``delete`` into the environment's data, report the data-source state the way the Go SDK does
-(``INITIALIZING`` until the first answer, ``VALID``, ``INTERRUPTED`` with an error kind on a recoverable failure, ``OFF`` after an
+``patch`` / ``delete`` into the environment's data, report the data-source state (``INITIALIZING`` until the
+first answer, ``VALID``, ``INTERRUPTED`` with an error kind on a recoverable failure, ``OFF`` after an
 unrecoverable 4xx), and keep retrying with the eventsource backoff. The reconnect machinery itself is
 :class:`relayd.sseclient.SSEClient`.
 
