@@ -46,6 +46,10 @@ class AdminAPI:
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self.prometheus_text()
+
+    def prometheus_text(self) -> bytes:
+        """The Prometheus exposition, also served at ``GET /metrics`` on the SDK listeners (as Harness's relay)."""
         lines = [
             "# HELP relayd_info relayd version.", "# TYPE relayd_info gauge",
             f'relayd_info{{version="{__version__}"}} 1',

@@ -104,11 +104,13 @@ def make_service(config: Config, reactor: Any) -> Relayd:
         configured_environments(store, config.launchdarkly)
 
     health = HealthAPI(store, reactor, config.launchdarkly.disconnected_status_time)
+    admin = AdminAPI(store, hub, reactor)
     launchdarkly = LaunchDarklyAPI(store, hub, reactor, ld_events, offline=config.offline, goals=goals,
                                    max_event_body=config.relayd.max_body)
     harness = HarnessAPI(store, hub, reactor, make_secret(config.relayd.auth_secret), metrics=harness_metrics,
                          on_target=None if harness_upstream is None else
-                         lambda env_id, target: harness_upstream.register_target(env_id, target_json(target)))
+                         lambda env_id, target: harness_upstream.register_target(env_id, target_json(target)),
+                         prometheus_text=admin.prometheus_text)
     site = RelaydSite(build_router([(health.segments, health.resource()),
                                     (launchdarkly.segments, launchdarkly.resource()),
                                     (harness.segments, harness.resource())]),
@@ -142,7 +144,7 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     for description in config.relayd.listen:
         StreamServerEndpointService(serverFromString(reactor, description), site).setServiceParent(top)
     if config.relayd.admin_listen:
-        admin = RelaydSite(AdminAPI(store, hub, reactor).resource(), clock=reactor, max_body=64 * 1024)
+        admin_site = RelaydSite(admin.resource(), clock=reactor, max_body=64 * 1024)
         for description in config.relayd.admin_listen:
-            StreamServerEndpointService(serverFromString(reactor, description), admin).setServiceParent(top)
+            StreamServerEndpointService(serverFromString(reactor, description), admin_site).setServiceParent(top)
     return top

@@ -73,8 +73,13 @@ offline_dir = {offline_dir}
         html = (await page.content()).decode()
         assert page.code == 200 and LD_ENV_ID in html and "sdk-00000000" not in html
         # the admin routes are not on the SDK listener
-        other = await client.get(f"https://localhost:{https_port}/metrics")
-        assert other.code != 200 and b"relayd_sse_streams" not in await other.content()
+        # the Harness relay serves Prometheus text at GET /metrics on its SDK port too, without a token
+        same = await client.get(f"https://localhost:{https_port}/metrics")
+        assert same.code == 200 and b"relayd_sse_streams 0" in await same.content()
+        # ... but the HTML page only on the admin listener
+        other = await client.get(f"https://localhost:{https_port}/")
+        assert other.code == 404
+        await other.content()
     finally:
         await pool.closeCachedConnections()
         await service.stopService()

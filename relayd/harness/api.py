@@ -123,8 +123,10 @@ class HarnessAPI:
 
     def __init__(self, store: Store, hub: SSEHub, clock: IReactorTime, secret: bytes,
                  metrics: MetricsBuffer | None = None, target_cache_size: int = 10_000,
-                 on_target: Callable[[str, Target], None] | None = None) -> None:
+                 on_target: Callable[[str, Target], None] | None = None,
+                 prometheus_text: Callable[[], bytes] | None = None) -> None:
         self.on_target = on_target  # told of every target an SDK authenticates with (forwarded to the SaaS)
+        self.prometheus_text = prometheus_text  # GET /metrics
         self.store = store
         self.hub = hub
         self.clock = clock
@@ -372,6 +374,14 @@ class HarnessAPI:
         if env is None:
             raise _fail(404, {"error": f"not found: no environment found for apiKey {json.dumps(api_key)}"})
         return self.hub.subscribe(request, (FAMILY, env.id), info=hashed)
+
+    @app.route("/metrics", methods=["GET"])
+    def prometheus(self, request: IRequest) -> bytes:
+        """The vendor's relay serves its Prometheus metrics here too, without a token (section 2.1)."""
+        if self.prometheus_text is None:
+            raise HTTPError(404, _body({"message": "Not Found"}), content_type=JSON_UTF8)
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self.prometheus_text()
 
     @app.route("/metrics/<env_id>", methods=["POST"])
     def post_metrics(self, request: IRequest, env_id: str) -> bytes:
