@@ -334,6 +334,26 @@ def test_evaluations_bare_cached_stored_and_header_targets(relay: Relay) -> None
         404, {"error": "not found: cache: not found"})
 
 
+def test_evaluations_with_bare_identifier_segment_members(relay: Relay) -> None:
+    # A segment listing members as plain identifier strings (older exports) must not break the endpoint.
+    env = relay.env
+    env.upsert("segments", "pilots", 1, {"identifier": "pilots", "name": "pilots", "environment": "dev",
+                                         "included": ["zoe"], "excluded": ["yuri"],
+                                         "rules": [{"attribute": "identifier", "op": "ends_with", "values": ["i"]}]})
+    env.upsert("flags", "pilot_only", 1, {
+        "feature": "pilot_only", "environment": "dev", "project": "p", "kind": "string", "state": "on",
+        "version": 1, "offVariation": "no", "defaultServe": {"variation": "no"},
+        "variations": [{"identifier": "yes", "value": "cleared"}, {"identifier": "no", "value": "grounded"}],
+        "rules": [{"ruleId": "r", "priority": 1, "serve": {"variation": "yes"},
+                   "clauses": [{"attribute": "", "op": "segmentMatch", "values": ["pilots"]}]}]})
+    token = relay.token()
+    assert evaluations(relay, token, "zoe")["pilot_only"] == "cleared"
+    assert evaluations(relay, token, "yuri")["pilot_only"] == "grounded"  # excluded beats the rule
+    assert evaluations(relay, token, "kai")["pilot_only"] == "cleared"  # via the rule
+    code, one = relay.json("GET", f"{EP}/target/sam/evaluations/pilot_only", token=token)
+    assert code == 200 and one == {"flag": "pilot_only", "identifier": "no", "kind": "string", "value": "grounded"}
+
+
 def test_target_cache_is_bounded(relay: Relay) -> None:
     relay.api.target_cache_size = 3
     for i in range(5):

@@ -548,6 +548,39 @@ def test_segment_missing_is_false_for_the_whole_call():
     assert in_segs(ALICE, {"s1": segment("s1", included=["alice"])})
 
 
+def test_segment_members_given_as_bare_identifiers():
+    # Older exports list members as plain strings instead of Target objects; both must work, and
+    # an exclusion written that way still beats the segment's rules.
+    s1 = {"identifier": "s1", "included": ["carol", "dave"], "excluded": ["alice"],
+          "rules": [clause("identifier", "starts_with", "a")]}
+    segs = {"s1": s1, "s2": segment("s2")}
+    assert in_segs(Target("dave"), segs)
+    assert not in_segs(ALICE, segs)
+    assert in_segs(Target("anna"), segs)
+    assert not in_segs(Target("erin"), segs)
+
+
+def test_segment_member_of_unknown_shape_names_no_target():
+    s1 = {"identifier": "s1", "included": [None, 7, {"identifier": 3}, ["alice"], "alice"]}
+    assert in_segs(ALICE, {"s1": s1, "s2": segment("s2")})
+    s1 = {"identifier": "s1", "included": [None, 7, {"name": "alice"}]}
+    assert not in_segs(ALICE, {"s1": s1, "s2": segment("s2")})
+
+
+def test_target_map_members_given_as_bare_identifiers():
+    f = flag(target_map=[{"variation": "true", "targets": ["zed", "yan"]}])
+    assert served(f, Target("yan")) == "true"
+    assert served(f, Target("xia")) == "false"
+
+
+def test_evaluate_all_survives_bare_identifier_members():
+    segs = {"grp": {"identifier": "grp", "included": ["kim"], "excluded": []}}
+    flags = {"a": flag("a", rules=[rule(1, "true", clause("", "segmentMatch", "grp"))]),
+             "b": flag("b", default="true")}
+    out = evaluate_all(Target("kim"), flags, segs)
+    assert [(e["flag"], e["value"]) for e in out] == [("a", "true"), ("b", "true")]
+
+
 def test_segment_legacy_rules_are_ored():
     s1 = segment("s1", rules=[clause("email", "ends_with", "@nope.com"), clause("age", "equal", "30")])
     assert in_segs(ALICE, {"s1": s1, "s2": segment("s2")})

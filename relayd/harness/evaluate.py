@@ -292,7 +292,7 @@ class _Evaluation:
             return ""
         for entry in target_map:
             for t in entry.get("targets") or ():
-                ident = t.get("identifier")
+                ident = _member_id(t)
                 if ident and ident == target.identifier:
                     return entry.get("variation") or ""
             segs = entry.get("targetSegments")
@@ -394,10 +394,10 @@ class _Evaluation:
     def _segment_decide(self, segment: Mapping) -> int:
         ident = self.target.identifier  # type: ignore[union-attr]  # in_segments checked it
         for t in segment.get("excluded") or ():
-            if t.get("identifier") == ident:
+            if _member_id(t) == ident:
                 return _EXCLUDED
         for t in segment.get("included") or ():
-            if t.get("identifier") == ident:
+            if _member_id(t) == ident:
                 return _INCLUDED
         serving_rules = segment.get("servingRules")
         if serving_rules:
@@ -412,6 +412,19 @@ class _Evaluation:
             if self.clause(clause):
                 return _INCLUDED
         return _NO_MATCH
+
+
+def _member_id(member: Any) -> str | None:
+    """The identifier of a listed target: a Target object, or a bare identifier string.
+
+    The SaaS sends objects, but older exports and the vendor's own evaluation cases list bare
+    identifiers; reading ``.get`` off such a string used to raise, which turned every evaluation
+    of the environment into a 500.  Anything else names no target.
+    """
+    if isinstance(member, Mapping):
+        ident = member.get("identifier")
+        return ident if isinstance(ident, str) else None
+    return member if isinstance(member, str) else None
 
 
 def _find_variation(flag: Mapping, identifier: str) -> Mapping | None:
