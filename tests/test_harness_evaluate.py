@@ -829,3 +829,37 @@ def test_segment_cycle_results_do_not_depend_on_evaluation_order():
     }
     assert served(flags["b"], ALICE, flags, segs) == "true"
     assert [e["identifier"] for e in evaluate_all(ALICE, flags, segs)] == ["true", "true"]
+
+
+# A custom attribute shadows the built-in field of the same name (Go getAttrValue reads
+# attributes[attr] before falling back to identifier/name).
+ROWAN = Target("rowan", name="Oak", attributes={"identifier": "ash", "name": "Elm", "tier": "gold"})
+
+
+@pytest.mark.parametrize(
+    "attr, expected",
+    [
+        ("identifier", "ash"),  # exact custom key wins
+        ("name", "Elm"),
+        ("Identifier", "rowan"),  # no such custom key: the built-in field, case-insensitively
+        ("NAME", "Oak"),
+        ("tier", "gold"),
+    ],
+)
+def test_custom_attribute_shadows_builtin(attr, expected):
+    assert attribute_value(ROWAN, attr) == expected
+
+
+def test_shadowing_attribute_drives_clauses_and_buckets():
+    assert matches(clause("identifier", "equal_sensitive", "ash"), ROWAN)
+    assert not matches(clause("identifier", "equal_sensitive", "rowan"), ROWAN)
+    # bucketing hashes the shadowing value too: identifier:ash, not identifier:rowan
+    assert bucket("identifier", "ash") != bucket("identifier", "rowan")
+    lo = bucket("identifier", "ash")
+    f = flag(default=None, distribution={"bucketBy": "identifier", "variations": [
+        {"variation": "true", "weight": lo}, {"variation": "false", "weight": 100 - lo}]})
+    assert evaluate(f, ROWAN, {"f1": f}, {})["identifier"] == "true"
+    # and the same split with the shadowing attribute removed buckets on "rowan" instead
+    plain = Target("rowan", name="Oak")
+    expected = "true" if bucket("identifier", "rowan") <= lo else "false"
+    assert evaluate(f, plain, {"f1": f}, {})["identifier"] == expected

@@ -124,19 +124,24 @@ def _stringify(v: Any) -> str:
 
 
 def attribute_value(target: Target | None, attr: str) -> str:
-    """Go ``getAttrValue``: identifier and name (matched case-insensitively, as Go lowers the
-    attribute name), else ``attributes[attr]`` converted to a string; missing -> ``""``."""
+    """Go ``getAttrValue``: ``attributes[attr]`` (exact key) converted to a string comes first;
+    only when the key is absent do identifier and name answer (matched case-insensitively, as Go
+    lowers the attribute name); anything else missing -> ``""``.
+
+    The custom attributes win even over ``identifier``/``name``: every Go SDK version looks them
+    up first, so a target sending ``attributes.identifier`` is matched and bucketed on that value.
+    """
     if target is None:
         return ""
+    attrs = target.attributes
+    if attrs and attr in attrs:
+        return _stringify(attrs[attr])
     lowered = attr.lower()
     if lowered == "identifier":
         return target.identifier
     if lowered == "name":
         return target.name
-    attrs = target.attributes
-    if not attrs or attr not in attrs:
-        return ""
-    return _stringify(attrs[attr])
+    return ""
 
 
 # --------------------------------------------------------------------------------------------
