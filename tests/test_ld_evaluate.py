@@ -328,7 +328,9 @@ def ctx_with(value):
     ("before", "2020-01-01T00:00:00", "2030-01-01T00:00:00Z", False),  # no zone
     ("before", "2020-01-01T00:00:00.1234567890Z", "2030-01-01T00:00:00Z", False),  # 10 fraction digits
     ("before", "2020-13-01T00:00:00Z", "2030-01-01T00:00:00Z", False),
-    ("before", "2020-02-30T00:00:00Z", "2030-01-01T00:00:00Z", False),
+    # Go's time.Date rolls an impossible day over into the next month: Feb 30 2020 is Mar 1 2020.
+    ("after", "2020-02-30T00:00:00Z", "2020-02-29T12:00:00Z", True),
+    ("before", "2020-02-30T00:00:00Z", "2020-03-01T00:00:01Z", True),
     ("before", True, 2000, False), ("before", 1000, None, False),
     ("semVerEqual", "2.0.0", "2.0.0", True), ("semVerEqual", "2", "2.0.0", True), ("semVerEqual", "2.1", "2.1.0", True),
     ("semVerEqual", "2.0.0+build1", "2.0.0+build2", True), ("semVerEqual", "2.0.0-rc1", "2.0.0", False),
@@ -356,10 +358,38 @@ def test_operator_matches_any_clause_value():
 def test_parse_helpers():
     assert parse_timestamp("1970-01-01T00:00:01.5Z") == 1_500_000_000
     assert parse_timestamp(1500) == 1_500_000_000
-    assert parse_timestamp("1970-01-01T00:00:01z") is None
+    assert parse_timestamp("1970-01-01T00:00:01") is None  # a zone is required
     assert parse_semver("1.2.3-x+y") == parse_semver("1.2.3-x")
     assert parse_semver("1.2.3") > parse_semver("1.2.3-x")
     assert parse_semver(None) is None
+
+
+@pytest.mark.parametrize("text, expected_ms", [
+    # What go-server-sdk-evaluation's RFC 3339 reader accepts beyond a strict validator.
+    ("2021-06-15t08:30:00Z", 1623745800000),          # lowercase T
+    ("2021-06-15T08:30:00z", 1623745800000),          # lowercase Z
+    ("2021-06-15T8:30:00Z", 1623745800000),           # one-digit hour
+    ("2021-06-15T08:30:00Z+whatever", 1623745800000),  # nothing after Z is read
+    ("2020-12-31T23:59:60Z", 1609459200000),          # leap second rolls into the next minute
+    ("2021-04-31T00:00:00Z", 1619827200000),          # Apr 31 = May 1
+    ("2021-06-15T08:30:00+48:00", 1623573000000),     # offset hours up to 99
+    ("0000-03-01T00:00:00Z", -62162035200000),        # year 0 exists in the proleptic calendar
+    ("2021-06-15T08:30:00.123456789-01:30", 1623751200123),
+    # ...and what it refuses.
+    ("2021-06-15T08:30:00", None), ("2021-06-15T08:30:00.Z", None), ("2021-06-15T08:30:00.1234567891Z", None),
+    ("2021-06-15T08:30:00+05", None), ("2021-06-15T08:30:00+05:00:00", None), ("2021-06-15T24:00:00Z", None),
+    ("2021-6-15T08:30:00Z", None), ("2021-06-15 08:30:00Z", None), ("21-06-15T08:30:00Z", None),
+    ("2021-06-15T08:30:00+1:00", None), ("2021-06-15T08:30:0\u0661Z", None),  # Arabic-Indic digit one
+    ("\uff12021-06-15T08:30:00Z", None),                                        # fullwidth digit two
+])
+def test_timestamps_are_read_as_go_reads_them(text, expected_ms):
+    got = parse_timestamp(text)
+    assert (got if got is None else got // 1_000_000) == expected_ms
+
+
+def test_semver_numbers_are_ascii_digits_only():
+    assert parse_semver("3\u0662.0.0") is None  # Arabic-Indic digit two
+    assert parse_semver("32.0.0") == (32, 0, 0, (1,))
 
 
 # -- segments --------------------------------------------------------------------------------------------------

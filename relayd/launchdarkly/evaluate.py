@@ -13,8 +13,6 @@ a dependent flag sees as a failed prerequisite. Pure: no I/O.
 
 from __future__ import annotations
 
-import calendar
-import datetime
 import hashlib
 import re
 import struct
@@ -102,27 +100,72 @@ def _value_for_ref(ctx: Context, comps: tuple[str, ...]) -> Any:
 
 
 # -- value parsing (cached) ------------------------------------------------------------------------------------
-_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})\Z")
+def _days_from_civil(y: int, m: int, d: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date; ``d`` may overflow the month (it just adds days)."""
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468 + d - 1
+
+
+def _scan(s: str, pos: int, stops: str) -> tuple[str, str, int]:
+    """Characters from ``pos`` up to a stop character: (field, stop or "" at end/non-ASCII, next position)."""
+    i = pos
+    while i < len(s):
+        ch = s[i]
+        if ch == "\0" or ord(ch) > 127:
+            return s[pos:i], "", i
+        if ch in stops:
+            return s[pos:i], ch, i + 1
+        i += 1
+    return s[pos:i], "", i
+
+
+def _field(text: str, min_len: int, max_len: int, lo: int, hi: int) -> int | None:
+    if not (min_len <= len(text) <= max_len) or not all("0" <= c <= "9" for c in text):
+        return None
+    n = int(text)
+    return n if lo <= n <= hi else None
 
 
 @lru_cache(maxsize=4096)
 def _parse_time_str(s: str) -> int | None:
-    m = _RFC3339.match(s)
-    if m is None:
-        return None
-    y, mo, d, h, mi, sec, frac, zone = m.groups()
-    try:
-        dt = datetime.datetime(int(y), int(mo), int(d), int(h), int(mi), int(sec))
-    except ValueError:
-        return None
-    offset = 0
-    if zone != "Z":
-        oh, om = int(zone[1:3]), int(zone[4:6])
-        if oh > 23 or om > 59:
+    """RFC 3339 as go-server-sdk-evaluation reads it (ldmodel/parse_time.go), not as a strict validator does:
+    ASCII digits only; ``T``/``t`` and ``Z``/``z`` in either case; a 1- or 2-digit hour; second 60 and day
+    numbers past the month's end roll over (Go ``time.Date`` normalizes); offset hours up to 99; at most 9
+    fractional digits; nothing after ``Z`` is looked at. A zone is required."""
+    parts = []
+    pos = 0
+    for stops, lens, lo, hi in (("-", (4, 4), 0, 9999), ("-", (2, 2), 1, 12), ("tT", (2, 2), 1, 31),
+                                (":", (1, 2), 0, 23), (":", (2, 2), 0, 59)):
+        text, stop, pos = _scan(s, pos, stops)
+        n = _field(text, lens[0], lens[1], lo, hi) if stop else None
+        if n is None:
             return None
-        offset = (oh * 60 + om) * 60 * (1 if zone[0] == "+" else -1)
-    ns = int(frac.ljust(9, "0")) if frac else 0
-    return (calendar.timegm(dt.timetuple()) - offset) * 1_000_000_000 + ns
+        parts.append(n)
+    text, stop, pos = _scan(s, pos, ".Zz+-")
+    second = _field(text, 2, 2, 0, 60) if stop else None
+    if second is None:
+        return None
+    nanos = 0
+    if stop == ".":
+        text, stop, pos = _scan(s, pos, "Zz+-")
+        if not stop or not 1 <= len(text) <= 9 or not all("0" <= c <= "9" for c in text):
+            return None
+        nanos = int(text.ljust(9, "0"))
+    offset = 0
+    if stop in ("+", "-"):
+        text, colon, pos = _scan(s, pos, ":")
+        hours = _field(text, 2, 2, 0, 99) if colon else None
+        minutes = _field(_scan(s, pos, "")[0], 2, 2, 0, 59)
+        if hours is None or minutes is None:
+            return None
+        offset = (hours * 60 + minutes) * 60 * (1 if stop == "+" else -1)
+    year, month, day, hour, minute = parts
+    secs = _days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second - offset
+    return secs * 1_000_000_000 + nanos
 
 
 def parse_timestamp(v: Any) -> int | None:
@@ -141,7 +184,7 @@ def parse_timestamp(v: Any) -> int | None:
 
 
 _SEMVER = re.compile(
-    r"(0|[1-9]\d*)(?:\.(0|[1-9]\d*))?(?:\.(0|[1-9]\d*))?"
+    r"(0|[1-9][0-9]*)(?:\.(0|[1-9][0-9]*))?(?:\.(0|[1-9][0-9]*))?"
     r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?\Z")
 
 
