@@ -447,7 +447,10 @@ def test_prerequisite_missing_flag_is_satisfied():
         prerequisites=[{"feature": "gone", "variations": ["true"]}, {"feature": "other", "variations": ["true"]}],
     )
     flags = {"child": child, "other": other}
-    # The missing one is satisfied, the next one is still checked (and fails).
+    # As the vendor SDKs: the missing one ends the check as satisfied, the failing one after it is not reached.
+    assert served(child, ALICE, flags) == "true"
+    # ... while a failing prerequisite before the missing one still fails the check
+    child["prerequisites"].reverse()
     assert served(child, ALICE, flags) == "off"
     other["defaultServe"] = {"variation": "true"}
     assert served(child, ALICE, flags) == "true"

@@ -10,8 +10,9 @@ Deliberate choices where the Go SDK is silent or unsafe:
   (Go would recurse until the stack overflows);
 * segment cycles (a segment whose rules ``segmentMatch`` itself, directly or not) are treated like a
   missing segment, i.e. the membership test on that path is false;
-* a missing prerequisite flag, or one whose served variation cannot be found, satisfies just that
-  prerequisite (Go returns early and skips the remaining prerequisites too).
+* a missing prerequisite flag, or one whose served variation cannot be found, ends the prerequisite check
+  as satisfied, skipping the prerequisites after it, exactly as the Go SDK (and the Python SDK for a missing
+  flag) does: server SDKs evaluating locally and relayd's evaluations endpoint must agree.
 """
 
 from __future__ import annotations
@@ -281,10 +282,10 @@ class _Evaluation:
                 return False
             pflag = self.flags.get(feature)
             if pflag is None:
-                continue  # missing prerequisite flag: satisfied
+                return True  # Go and Python SDKs: a missing prerequisite flag ends the check as satisfied
             served = self._prerequisite_flag_variation(feature, pflag)
             if served is None:
-                continue  # Go: cannot evaluate the prerequisite -> satisfied
+                return True  # Go: a prerequisite that cannot be evaluated ends the check as satisfied
             if served.get("identifier") not in (pre.get("variations") or ()):
                 return False
             if pflag.get("prerequisites") is not None and not self._prerequisites_ok(pflag, chain + (feature,)):
