@@ -8,6 +8,7 @@ import pytest
 
 from relayd.harness import evaluate as ev
 from relayd.harness.evaluate import Target, attribute_value, bucket, evaluate, evaluate_all, evaluation_json
+from relayd.regex import compile_clause
 
 # --------------------------------------------------------------------------------------------
 # Builders
@@ -241,11 +242,23 @@ def test_equal_fold_unicode():
 
 
 def test_match_regex_is_cached():
-    ev._compile.cache_clear()
+    compile_clause.cache_clear()
     for _ in range(5):
         assert matches(clause("identifier", "match", "^user-[0-9]+$"), T)
-    info = ev._compile.cache_info()
+    info = compile_clause.cache_info()
     assert info.misses == 1 and info.hits == 4
+
+
+@pytest.mark.parametrize("pattern,value,expected", [
+    (r"^\pL+$", "héllo", True),          # RE2 Unicode classes, which Python's re lacks
+    (r"^b$", "b\n", False),              # Go: $ is the very end of the text, never before a final newline
+    (r"(?=a)a", "a", False),             # lookarounds do not compile in Go: the clause cannot match
+    (r"(a)\1", "aa", False),             # nor backreferences
+    (r"(?i)ÉTÉ", "été", True),
+])
+def test_match_uses_go_regexp_semantics(pattern, value, expected):
+    t = Target("x", attributes={"v": value})
+    assert matches(clause("v", "match", pattern), t) is expected
 
 
 @pytest.mark.parametrize(

@@ -310,6 +310,8 @@ def ctx_with(value):
     ("matches", "hello world", "o w", True), ("matches", "hello", "^h.*o$", True),
     ("matches", "hello", "^e", False), ("matches", "hello", "(", False), ("matches", 5, "5", False),
     ("matches", "hello", 5, False),
+    ("matches", "ünïcode", r"^\pL+$", True), ("matches", "end\n", "end$", False),  # RE2, as Go's regexp
+    ("matches", "aa", r"(a)\1", False), ("matches", "ab", "a(?=b)", False),  # no backreferences, no lookarounds
     ("lessThan", 1, 2, True), ("lessThan", 2, 2, False), ("lessThan", 1.5, 2, True), ("lessThan", "1", 2, False),
     ("lessThan", 1, "2", False), ("lessThan", True, 2, False),
     ("lessThanOrEqual", 2, 2.0, True), ("lessThanOrEqual", 3, 2, False),

@@ -27,6 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import mmh3
 
+from relayd import regex
+
 __all__ = [
     "Target",
     "attribute_value",
@@ -180,15 +182,6 @@ def _evaluate_distribution(dist: Mapping | None, target: Target | None) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Clause operators
-
-
-@functools.lru_cache(maxsize=1024)
-def _compile(pattern: str) -> re.Pattern[str] | None:
-    """Compiled clause regex, cached across calls; None for a pattern that does not compile."""
-    try:
-        return re.compile(pattern)
-    except (re.error, RecursionError, OverflowError):
-        return None
 
 
 def _char_fold_equal(a: str, b: str) -> bool:
@@ -355,8 +348,7 @@ class _Evaluation:
         if op == "contains":
             return v0 in attr
         if op == "match":
-            pattern = _compile(v0)
-            return pattern is not None and pattern.search(attr) is not None
+            return regex.search(v0, attr)
         if op == "gt":
             return attr > v0  # Go compares strings bytewise; UTF-8 order == code point order
         return False

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Mapping, Optional
 
+from relayd import regex
 from relayd.launchdarkly.contexts import DEFAULT_KIND, Context, secure_mode_hash
 from relayd.launchdarkly.model import arr, as_int, as_str, client_side_available, is_deleted, version_of
 
@@ -215,14 +216,6 @@ def parse_semver(v: Any) -> tuple | None:
     return _parse_semver_str(v) if isinstance(v, str) else None
 
 
-@lru_cache(maxsize=4096)
-def _regex(pattern: str) -> re.Pattern | None:
-    try:
-        return re.compile(pattern)
-    except (re.error, ValueError, OverflowError):
-        return None
-
-
 # -- operators ------------------------------------------------------------------------------------------------
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -264,8 +257,7 @@ def _op_contains(c: Any, v: Any) -> bool:
 def _op_matches(c: Any, v: Any) -> bool:
     if not isinstance(c, str) or not isinstance(v, str):
         return False
-    r = _regex(v)
-    return r is not None and r.search(c) is not None
+    return regex.search(v, c)
 
 
 def _num_op(fn: Callable[[float, float], bool]) -> Callable[[Any, Any], bool]:
