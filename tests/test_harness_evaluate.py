@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from relayd.harness import evaluate as ev
 from relayd.harness.evaluate import Target, attribute_value, bucket, evaluate, evaluate_all, evaluation_json
 from relayd.regex import compile_clause
 

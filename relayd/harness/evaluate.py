@@ -17,10 +17,8 @@ Deliberate choices where the Go SDK is silent or unsafe:
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Iterable, Mapping, Sequence
