@@ -42,6 +42,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from relayd.config import RedisConfig
+from relayd.harness.metrics import MetricsBuffer
 from relayd.logs import Logger
 from relayd.snapshot import FORMAT, _decode_meta, dump
 from relayd.store import INITIALIZING, INTERRUPTED, Change, Environment, Item, Status, Store
@@ -738,6 +739,68 @@ def follows_redis(config: Any) -> bool:
     return redis is not None and redis.role == "reader"
 
 
+class HarnessMetricsRelay(Service):
+    """Harness SDK metrics posted to readers reach the SaaS through the writer, the only one with SaaS tokens.
+
+    A reader moves its aggregated buffer to a Redis list every ``interval``; the writer drains that list into its
+    own buffer, which its forwarder posts. A body leaves one side only once Redis has it (a failed RPUSH is
+    restored into the reader's buffer), and merging is by count, so nothing is lost and nothing counted twice.
+    """
+
+    name = "harness-metrics-relay"
+    BATCH = 100
+
+    def __init__(self, buffer: MetricsBuffer, link: RedisLink, prefix: str, role: str, clock: IReactorTime,
+                 interval: float = 10.0) -> None:
+        self.buffer = buffer
+        self.link = link
+        self.key = f"{prefix}:harness-metrics"
+        self.role = role
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = clock
+        self.interval = interval
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        return self.tick() if self.role == "reader" else None  # hand over what is buffered before going
+
+    def tick(self) -> Deferred[Any]:
+        d = self._push() if self.role == "reader" else self._drain()
+        return d.addErrback(lambda f: log.warn("moving Harness metrics through Redis failed: {error}",
+                                               error=f.getErrorMessage()))
+
+    def _push(self) -> Deferred[Any]:
+        pushes = []
+        for env_id in self.buffer.environments():
+            body = self.buffer.take(env_id)
+            if body is None:
+                continue
+            d = self.link.command("RPUSH", self.key, json.dumps({"env": env_id, "body": body}))
+            d.addErrback(lambda f, env_id=env_id, body=body: (self.buffer.restore(env_id, body), f)[1])
+            pushes.append(d)
+        return DeferredList(pushes, consumeErrors=True) if pushes else succeed(None)
+
+    def _drain(self) -> Deferred[Any]:
+        def got(items: Any) -> Deferred[Any] | None:
+            for raw in items or ():
+                try:
+                    item = json.loads(_text(raw))
+                    self.buffer.restore(item["env"], item["body"])
+                except (ValueError, KeyError, TypeError):
+                    log.warn("a malformed Harness metrics entry in Redis was dropped")
+            if items and len(items) == self.BATCH:
+                return self._drain()
+            return None
+
+        return self.link.command("LPOP", self.key, self.BATCH).addCallback(got)
+
+
 def redis_service(store: Store, config: RedisConfig, reactor: Any, **options: Any) -> Service:
     """The writer's mirror or the reader's follower, as configured."""
     url = parse_url(config.url)
@@ -746,5 +809,5 @@ def redis_service(store: Store, config: RedisConfig, reactor: Any, **options: An
     return RedisWriter(store, url, config.prefix, reactor, **options)
 
 
-__all__ = ["RedisLink", "RedisReader", "RedisURL", "RedisWriter", "db_meta", "decode_status", "encode_status",
-           "follows_redis", "parse_url", "redis_service"]
+__all__ = ["HarnessMetricsRelay", "RedisLink", "RedisReader", "RedisURL", "RedisWriter", "db_meta", "decode_status",
+           "encode_status", "follows_redis", "parse_url", "redis_service"]

@@ -24,7 +24,7 @@ from relayd.launchdarkly.events import DiscardEvents, EventForwarder, EventSink
 from relayd.launchdarkly.upstream import EnvironmentStream, GoalsProxy
 from relayd.logs import Logger
 from relayd.offline import OfflineSource
-from relayd.redisstore import follows_redis, redis_service
+from relayd.redisstore import HarnessMetricsRelay, RedisReader, follows_redis, redis_service
 from relayd.reload import ReloadOnHUP
 from relayd.snapshot import SnapshotService
 from relayd.sse import SSEHub
@@ -127,7 +127,13 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     if config.redis is not None:
         if follows_redis(config):
             log.info("Redis reader: serving what the writer relayd shares, no vendor connections")
-        redis_service(store, config.redis, reactor).setServiceParent(top)
+        mirror = redis_service(store, config.redis, reactor)
+        mirror.setServiceParent(top)
+        if config.redis.role == "reader" or harness_upstream is not None:
+            # Harness SDK metrics posted to readers reach the SaaS through the writer's forwarder
+            link = mirror.commands if isinstance(mirror, RedisReader) else mirror.link
+            HarnessMetricsRelay(harness_metrics, link, config.redis.prefix, config.redis.role,
+                                reactor).setServiceParent(top)
     if config.relayd.offline_dir is not None:
         log.info("offline mode: serving {folder}", folder=str(config.relayd.offline_dir))
         OfflineSource(store, config.relayd.offline_dir,

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, tcp
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -384,3 +385,35 @@ prefix = e2e
     finally:
         await reader.stopService()
         await writer.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_harness_metrics_posted_to_readers_reach_the_writer_once(redis_server: Any) -> None:
+    from relayd.harness.metrics import MetricsBuffer
+    from relayd.redisstore import HarnessMetricsRelay
+
+    server = redis_server()
+    writer = writer_for(Store(reactor), server.url)
+    readers = [reader_for(Store(reactor), server.url) for _ in range(2)]
+    writer_buffer, reader_buffers = MetricsBuffer(), [MetricsBuffer(), MetricsBuffer()]
+    relays = [HarnessMetricsRelay(writer_buffer, writer.link, "t", "writer", reactor, interval=0.05)]
+    relays += [HarnessMetricsRelay(buf, r.commands, "t", "reader", reactor, interval=0.05)
+               for buf, r in zip(reader_buffers, readers, strict=True)]
+    services = [writer, *readers, *relays]
+    for service in services:
+        service.startService()
+    body = {"metricsData": [{"timestamp": 1, "count": 2, "metricsType": "FFMETRICS",
+                             "attributes": [{"key": "featureIdentifier", "value": "f"}]}]}
+    try:
+        await eventually(lambda: writer.link.up and all(r.commands.up for r in readers))
+        reader_buffers[0].add("env", body)
+        reader_buffers[1].add("env", body)
+        reader_buffers[1].add("env", body)
+        await eventually(lambda: "env" in writer_buffer.environments()
+                         and not any(b.environments() for b in reader_buffers))
+        await deferLater(reactor, 0.2, lambda: None)  # later ticks must not bring anything twice
+        taken = writer_buffer.take("env")
+        assert [m["count"] for m in taken["metricsData"]] == [6]
+    finally:
+        for service in reversed(services):
+            await maybeDeferred(service.stopService)
