@@ -354,6 +354,28 @@ def test_evaluations_with_bare_identifier_segment_members(relay: Relay) -> None:
     assert code == 200 and one == {"flag": "pilot_only", "identifier": "no", "kind": "string", "value": "grounded"}
 
 
+def test_unservable_flag_is_listed_empty_and_fails_alone_with_500(relay: Relay) -> None:
+    # "sizes" serves "xl" to vip members of its target map, but has no such variation.
+    relay.env.upsert("flags", "sizes", 1, {
+        "feature": "sizes", "environment": "dev", "project": "p", "kind": "string", "state": "on",
+        "version": 1, "offVariation": "s", "defaultServe": {"variation": "m"},
+        "variations": [{"identifier": "s", "value": "small"}, {"identifier": "m", "value": "medium"}],
+        "variationToTargetMap": [{"variation": "xl", "targets": [{"identifier": "vip", "name": "V"}]}]})
+    token = relay.token()
+    code, listed = relay.json("GET", f"{EP}/target/vip/evaluations", token=token)
+    assert code == 200
+    assert [e for e in listed if e["flag"] == "sizes"] == [
+        {"flag": "sizes", "identifier": "", "kind": "string", "value": ""}]
+    assert relay.json("GET", f"{EP}/target/vip/evaluations/sizes", token=token) == (
+        500, {"error": "variation not found: xl"})
+    # every other target is served normally, by both endpoints
+    assert evaluations(relay, token, "pat")["sizes"] == "medium"
+    assert relay.json("GET", f"{EP}/target/pat/evaluations/sizes", token=token) == (
+        200, {"flag": "sizes", "identifier": "m", "kind": "string", "value": "medium"})
+    # a flag that does not exist at all is still a not-found
+    assert relay.json("GET", f"{EP}/target/vip/evaluations/shoes", token=token)[0] == 404
+
+
 def test_target_cache_is_bounded(relay: Relay) -> None:
     relay.api.target_cache_size = 3
     for i in range(5):

@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from relayd.harness.evaluate import Target, attribute_value, bucket, evaluate, evaluate_all, evaluation_json
+from relayd.harness.evaluate import (
+    Target,
+    attribute_value,
+    bucket,
+    evaluate,
+    evaluate_all,
+    evaluation_json,
+    unserved_reason,
+)
 from relayd.regex import compile_clause
 
 # --------------------------------------------------------------------------------------------
@@ -798,9 +806,63 @@ def test_evaluate_all_sorted_and_complete():
         "broken": flag("broken", default="nope"),
     }
     out = evaluate_all(ALICE, flags, {})
-    assert [e["flag"] for e in out] == ["alpha", "mid", "zeta"]
+    assert [e["flag"] for e in out] == ["alpha", "broken", "mid", "zeta"]
     assert out[0] == {"flag": "alpha", "identifier": "off", "kind": "boolean", "value": "false"}
-    assert out[1]["value"] == "str"
+    # no variation "nope": listed with Go's zero Variation, as the vendor relay lists it
+    assert out[1] == {"flag": "broken", "identifier": "", "kind": "boolean", "value": ""}
+    assert out[2]["value"] == "str"
+
+
+def test_evaluate_all_lists_every_unservable_flag_with_empty_variation():
+    colours = [{"identifier": "red", "value": "#f00"}, {"identifier": "blue", "value": "#00f"}]
+    flags = {
+        # off, and the off variation names nothing
+        "dim": flag("dim", kind="string", state="off", off="", variations=colours),
+        # target map serves an identifier that is not a variation; others get the default
+        "mapped": flag("mapped", kind="string", default="blue", variations=colours,
+                       target_map=[{"variation": "green", "targets": [{"identifier": "alice"}]}]),
+        # the prerequisite fails, and the off variation is gone
+        "gated": flag("gated", kind="json", default="doc", off="gone",
+                      variations=[{"identifier": "doc", "value": '{"a":1}'}],
+                      prerequisites=[{"feature": "mapped", "variations": ["red"]}]),
+        # neither a default variation nor a distribution: nothing is chosen
+        "empty": flag("empty", kind="int", default=None, variations=[{"identifier": "1", "value": "1"}]),
+    }
+    def blank(feature: str, kind: str) -> dict:
+        return {"flag": feature, "identifier": "", "kind": kind, "value": ""}
+
+    # for alice "mapped" cannot be evaluated, which lets "gated"'s prerequisite pass
+    assert evaluate_all(ALICE, flags, {}) == [
+        blank("dim", "string"), blank("empty", "int"),
+        {"flag": "gated", "identifier": "doc", "kind": "json", "value": '{"a":1}'}, blank("mapped", "string")]
+    # for bob "mapped" serves blue, so "gated"'s prerequisite fails and its off variation is gone
+    bob = {e["flag"]: e for e in evaluate_all(Target("bob"), flags, {})}
+    assert bob["mapped"] == {"flag": "mapped", "identifier": "blue", "kind": "string", "value": "#00f"}
+    assert bob["gated"] == blank("gated", "json")
+    # the single-flag form still has nothing to render
+    assert evaluation_json(flags["mapped"], ALICE, flags, {}) is None
+
+
+def test_unserved_reason_words_as_the_go_sdk():
+    colours = [{"identifier": "red", "value": "#f00"}]
+    ok = flag("ok", kind="string", default="red", variations=colours)
+    wrong_default = flag("wd", kind="string", default="teal", variations=colours)
+    nothing_chosen = flag("nc", kind="string", default=None, variations=colours)
+    off_empty = flag("oe", kind="string", state="off", off="", variations=colours)
+    failed_pre = flag("fp", kind="string", default="red", off="", variations=colours,
+                      prerequisites=[{"feature": "ok", "variations": ["blue"]}])
+    failed_pre_named = dict(failed_pre, feature="fpn", offVariation="amber")
+    flags = {f["feature"]: f for f in (ok, wrong_default, nothing_chosen, off_empty, failed_pre, failed_pre_named)}
+    def reason(f: dict) -> str | None:
+        return unserved_reason(f, ALICE, flags, {})
+
+    assert reason(ok) is None
+    assert reason(wrong_default) == "variation not found: teal"
+    assert reason(nothing_chosen) == "error while evaluating flag: nc"
+    assert reason(off_empty) == "error while evaluating flag: oe"
+    # after a failed prerequisite Go looks the off variation up directly, even an empty one
+    assert reason(failed_pre) == "variation not found: "
+    assert reason(failed_pre_named) == "variation not found: amber"
 
 
 def test_evaluate_all_matches_single_evaluations():

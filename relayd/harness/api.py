@@ -30,7 +30,7 @@ from werkzeug.exceptions import HTTPException
 
 from relayd import sse
 from relayd.harness import tokens
-from relayd.harness.evaluate import Target, evaluate_all, evaluation_json
+from relayd.harness.evaluate import Target, evaluate_all, evaluation_json, unserved_reason
 from relayd.harness.metrics import MetricsBuffer
 from relayd.logs import Logger
 from relayd.sse import SSEHub
@@ -358,9 +358,14 @@ class HarnessAPI:
         flag = env.get(FLAGS, feature) if env is not None else None
         if env is None or flag is None:
             raise _fail(404, _NOT_FOUND)
-        result = evaluation_json(flag, self._target(request, env, target), env.all(FLAGS), env.all(SEGMENTS))
+        subject = self._target(request, env, target)
+        flags, segments = env.all(FLAGS), env.all(SEGMENTS)
+        result = evaluation_json(flag, subject, flags, segments)
         if result is None:
-            raise _fail(404, _NOT_FOUND)
+            # The vendor relay passes the Go SDK's evaluation error through, which its codeFrom maps
+            # to 500 (only a missing flag is a not-found error there).
+            reason = unserved_reason(flag, subject, flags, segments) or "error while evaluating flag"
+            raise _fail(500, {"error": reason})
         return _ok(request, _body(result))
 
     @app.route("/stream", methods=["GET"])

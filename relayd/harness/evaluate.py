@@ -13,6 +13,11 @@ Deliberate choices where the Go SDK is silent or unsafe:
 * a missing prerequisite flag, or one whose served variation cannot be found, ends the prerequisite check
   as satisfied, skipping the prerequisites after it, exactly as the Go SDK (and the Python SDK for a missing
   flag) does: server SDKs evaluating locally and relayd's evaluations endpoint must agree.
+
+A flag whose served variation cannot be found (no identifier chosen, or one that is not among its
+``variations``) is still listed by ``evaluate_all``, with an empty identifier and value: the vendor's
+relay packages every entry of the Go SDK's ``EvaluateAll``, which appends a zero ``Variation`` for such
+a flag.  Its single-flag endpoint fails instead, with the SDK's error text (``unserved_reason``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "evaluate_all",
     "evaluation_json",
     "render_value",
+    "unserved_reason",
 ]
 
 
@@ -235,15 +241,23 @@ class _Evaluation:
 
     def variation(self, flag: Mapping) -> Mapping | None:
         """Go ``getVariationForTheFlag``: prerequisites, then the flag itself."""
+        return _find_variation(flag, self.served_identifier(flag)[0])
+
+    def served_identifier(self, flag: Mapping) -> tuple[str, bool]:
+        """The variation identifier the flag serves ("" when none is chosen), before it is looked up,
+        and whether it is the off variation served because a prerequisite failed."""
         if flag.get("prerequisites") is not None:
             if not self._prerequisites_ok(flag, (flag.get("feature"),)):
-                return _find_variation(flag, flag.get("offVariation") or "")
-        return self._flag_variation(flag)
+                return flag.get("offVariation") or "", True
+        return self._flag_choice(flag), False
 
     def _flag_variation(self, flag: Mapping) -> Mapping | None:
         """Go ``evaluateFlag``: state, target map, rules, default serve (no prerequisites)."""
+        return _find_variation(flag, self._flag_choice(flag))
+
+    def _flag_choice(self, flag: Mapping) -> str:
         if flag.get("state") != "on":
-            return _find_variation(flag, flag.get("offVariation") or "")
+            return flag.get("offVariation") or ""
         variation = ""
         target_map = flag.get("variationToTargetMap")
         if target_map:
@@ -257,7 +271,7 @@ class _Evaluation:
             variation = _evaluate_distribution(serve.get("distribution"), self.target)
             if variation == "":
                 variation = serve.get("variation") or ""
-        return _find_variation(flag, variation)
+        return variation
 
     def _prerequisite_flag_variation(self, feature: str, flag: Mapping) -> Mapping | None:
         if feature in self._flag_memo:
@@ -454,6 +468,12 @@ def render_value(kind: str, value: Any) -> str:
     return _stringify(value)
 
 
+def _unserved_object(flag: Mapping) -> dict:
+    """The vendor relay's list entry for a flag it could not serve: Go's zero ``Variation``."""
+    kind = flag.get("kind") or ""
+    return {"flag": flag.get("feature"), "identifier": "", "kind": kind, "value": render_value(kind, "")}
+
+
 def _evaluation_object(flag: Mapping, variation: Mapping | None) -> dict | None:
     if variation is None:
         return None
@@ -478,14 +498,33 @@ def evaluate_all(
 ) -> list[dict]:
     """Evaluations of every flag of the environment, sorted by flag identifier.
 
-    Flags whose served variation cannot be found are left out (there is nothing to render).  One
-    run is shared by all flags so prerequisite and segment results are computed once per target.
+    A flag whose served variation cannot be found is listed with an empty identifier and value, as
+    the vendor's relay lists it (the Go SDK's ``EvaluateAll`` keeps a zero ``Variation`` for it and
+    the relay renders that entry like any other).  One run is shared by all flags so prerequisite
+    and segment results are computed once per target.
     """
     run = _Evaluation(target, flags, segments)
     out: list[dict] = []
     for key in sorted(flags):
         flag = flags[key]
         obj = _evaluation_object(flag, run.variation(flag))
-        if obj is not None:
-            out.append(obj)
+        out.append(obj if obj is not None else _unserved_object(flag))
     return out
+
+
+def unserved_reason(
+    flag: Mapping, target: Target | None, flags: Mapping[str, Mapping], segments: Mapping[str, Mapping]
+) -> str | None:
+    """Why ``flag`` cannot be served to ``target``, in the Go SDK's error words; None when it can.
+
+    The vendor's single-flag evaluation endpoint answers such a flag with ``500 {"error": <this>}``
+    (the SDK error is not a not-found error, so its ``codeFrom`` maps it to 500).
+    """
+    identifier, prerequisite_failed = _Evaluation(target, flags, segments).served_identifier(flag)
+    if _find_variation(flag, identifier) is not None:
+        return None
+    if identifier == "" and not prerequisite_failed:
+        # evaluateFlag refuses an empty choice; after a failed prerequisite Go looks the
+        # (possibly empty) off variation up directly and reports that lookup instead.
+        return f"error while evaluating flag: {flag.get('feature')}"
+    return f"variation not found: {identifier}"
