@@ -829,7 +829,8 @@ def test_evaluate_all_lists_every_unservable_flag_with_empty_variation():
         "empty": flag("empty", kind="int", default=None, variations=[{"identifier": "1", "value": "1"}]),
     }
     def blank(feature: str, kind: str) -> dict:
-        return {"flag": feature, "identifier": "", "kind": kind, "value": ""}
+        # a json flag's value is JSON text even when empty: client SDKs JSON.parse it
+        return {"flag": feature, "identifier": "", "kind": kind, "value": '""' if kind == "json" else ""}
 
     # for alice "mapped" cannot be evaluated, which lets "gated"'s prerequisite pass
     assert evaluate_all(ALICE, flags, {}) == [

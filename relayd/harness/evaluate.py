@@ -471,7 +471,9 @@ def render_value(kind: str, value: Any) -> str:
 def _unserved_object(flag: Mapping) -> dict:
     """The vendor relay's list entry for a flag it could not serve: Go's zero ``Variation``."""
     kind = flag.get("kind") or ""
-    return {"flag": flag.get("feature"), "identifier": "", "kind": kind, "value": render_value(kind, "")}
+    # For json the empty value must still be JSON text: client SDKs JSON.parse the value of a json flag, and
+    # the vendor's relay sends '""' here (it JSON-encodes json values).
+    return {"flag": flag.get("feature"), "identifier": "", "kind": kind, "value": '""' if kind == "json" else ""}
 
 
 def _evaluation_object(flag: Mapping, variation: Mapping | None) -> dict | None:
