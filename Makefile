@@ -28,6 +28,7 @@ check: $(VENV)/.installed
 	$(BIN)/twistd relayd --config $(CONFIG) --check
 
 test: $(VENV)/.installed-test
+	$(BIN)/python -m mypy relayd
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -11,7 +11,7 @@ import configparser
 import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Mapping, TypeVar
+from typing import Callable, Mapping, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -230,7 +230,8 @@ class _Section:
             if f.name in given:
                 values[f.name] = given[f.name]
             elif f.name in self.schema:
-                default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+                factory = cast(Callable[[], object], f.default_factory)
+                default = f.default if f.default is not MISSING else factory()
                 values[f.name] = self.get(f.name, default)
         return cls(**values)
 

@@ -206,7 +206,7 @@ def _text(value: Any) -> str:
 def _describe(reason: Failure | None) -> str:
     if reason is None:
         return "closed"
-    return reason.getErrorMessage() or reason.type.__name__
+    return reason.getErrorMessage() or getattr(reason.type, "__name__", "error")
 
 
 class _LoggingEndpoint:
@@ -624,7 +624,7 @@ class RedisReader(Service):
         return d
 
     def _read_failed(self, f: Failure) -> None:
-        error = f.value.subFailure if hasattr(f.value, "subFailure") else f
+        error = getattr(f.value, "subFailure", f)
         log.warn("reading from Redis {server} failed: {error}; reloading everything when possible",
                  server=self.url.safe, error=error.getErrorMessage())
         self._need_sync = True
@@ -782,9 +782,14 @@ class HarnessMetricsRelay(Service):
             if body is None:
                 continue
             d = self.link.command("RPUSH", self.key, json.dumps({"env": env_id, "body": body}))
-            d.addErrback(lambda f, env_id=env_id, body=body: (self.buffer.restore(env_id, body), f)[1])
+            d.addErrback(self._restore, env_id, body)
             pushes.append(d)
         return DeferredList(pushes, consumeErrors=True) if pushes else succeed(None)
+
+    def _restore(self, failure: Failure, env_id: str, body: dict[str, Any]) -> Failure:
+        """Redis did not take the body: it goes back into the buffer for the next tick."""
+        self.buffer.restore(env_id, body)
+        return failure
 
     def _drain(self) -> Deferred[Any]:
         def got(items: Any) -> Deferred[Any] | None:

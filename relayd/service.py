@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import resource
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -24,7 +24,7 @@ from relayd.launchdarkly.events import DiscardEvents, EventForwarder, EventSink
 from relayd.launchdarkly.upstream import EnvironmentStream, GoalsProxy
 from relayd.logs import Logger
 from relayd.offline import OfflineSource
-from relayd.redisstore import HarnessMetricsRelay, RedisReader, follows_redis, redis_service
+from relayd.redisstore import HarnessMetricsRelay, RedisReader, RedisWriter, follows_redis, redis_service
 from relayd.reload import ReloadOnHUP
 from relayd.snapshot import SnapshotService
 from relayd.sse import SSEHub
@@ -131,7 +131,7 @@ def make_service(config: Config, reactor: Any) -> Relayd:
         mirror.setServiceParent(top)
         if config.redis.role == "reader" or harness_upstream is not None:
             # Harness SDK metrics posted to readers reach the SaaS through the writer's forwarder
-            link = mirror.commands if isinstance(mirror, RedisReader) else mirror.link
+            link = mirror.commands if isinstance(mirror, RedisReader) else cast(RedisWriter, mirror).link
             HarnessMetricsRelay(harness_metrics, link, config.redis.prefix, config.redis.role,
                                 reactor).setServiceParent(top)
     if config.relayd.offline_dir is not None:

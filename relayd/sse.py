@@ -8,13 +8,14 @@ subscriber whose backlog overflows, or who stays paused past ``slow_after``, is 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from relayd.logs import Logger
@@ -141,8 +142,9 @@ class SSEHub(Service):
             request.setHeader(name, value)
         sub = Subscriber(self, request, topic, info, on_close)
         self._topics.setdefault(topic, {})[sub] = None
-        request.registerProducer(sub, True)
-        request.notifyFinish().addBoth(lambda _: self._remove(sub, "request finished"))
+        real = cast(Request, request)  # Klein hands routes an IRequest; it is twisted.web's Request
+        real.registerProducer(sub, True)
+        real.notifyFinish().addBoth(lambda _: self._remove(sub, "request finished"))
         # The first write sends the status line and headers, so the SDK sees the stream open at once.
         request.write(initial if initial else HEARTBEAT)
         return sub.done
@@ -210,7 +212,7 @@ class SSEHub(Service):
             if not subs:
                 del self._topics[sub.topic]
         try:
-            sub.request.unregisterProducer()
+            cast(Request, sub.request).unregisterProducer()
         except Exception:  # the channel may already be gone
             pass
         log.debug("SSE stream on {topic!r} ended after {secs:.1f}s: {why}", topic=sub.topic,

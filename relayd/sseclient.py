@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -273,8 +273,8 @@ class _Body(Protocol):
         self._waiters: list[Deferred[None]] = []
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
+        if self.transport is not None:  # a TransportProxyProducer: stopProducing drops the connection
+            cast(IPushProducer, self.transport).stopProducing()
 
     def when_closed(self) -> Deferred[None]:
         if self._lost:
@@ -411,8 +411,8 @@ class SSEClient(Service):
             from twisted.web.client import Agent, HTTPConnectionPool
 
             self._pool = HTTPConnectionPool(clock, persistent=False)
-            agent = Agent(clock, pool=self._pool, connectTimeout=connect_timeout)  # type: ignore[arg-type]
-            http = cast(HTTPClientLike, HTTPClient(agent))  # type: ignore[arg-type]
+            agent = Agent(clock, pool=self._pool, connectTimeout=connect_timeout)
+            http = cast(HTTPClientLike, HTTPClient(agent))
         self._http: HTTPClientLike = http
         self._read_timeout = read_timeout
         self._initial_delay = initial_delay

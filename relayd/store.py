@@ -219,7 +219,7 @@ class Store:
 
     def __init__(self, clock: IReactorTime | None = None) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor as clock
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self._envs: dict[tuple[str, str], Environment] = {}
         self._emit = Observers()

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import re
 from io import BytesIO
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, cast
 from urllib.parse import parse_qsl, urlencode
 
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -70,9 +71,9 @@ def render_error(request: IRequest, failure: Failure) -> bytes:
     if isinstance(err, HTTPException):  # werkzeug routing: 404, 405 (with its Allow header)
         code = err.code or 500
         request.setResponseCode(code)
-        for name, value in err.get_headers():
-            if name.lower() == "allow":
-                request.setHeader(b"Allow", value.encode("ascii"))
+        for header, text in err.get_headers():
+            if header.lower() == "allow":
+                request.setHeader(b"Allow", text.encode("ascii"))
         request.setHeader(b"Content-Type", JSON)
         return json_bytes({"message": _REASONS.get(code, err.name), "code": code})
     log.failure("unhandled error serving {method} {path}", failure, method=_method(request),
@@ -85,7 +86,7 @@ def render_error(request: IRequest, failure: Failure) -> bytes:
 _REASONS = {404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request"}
 
 
-def _method(request: IRequest) -> str:
+def _method(request: IRequest | http.Request) -> str:
     return request.method.decode("ascii", "replace")
 
 
@@ -123,6 +124,7 @@ class RelaydRequest(Request):
     """A Request that refuses oversize bodies with 413 instead of storing them."""
 
     max_body = 10 * 1024 * 1024
+    clock: Any = None  # set per site, with max_body, by RelaydSite
     _too_large = False
     _body_size = 0
 
@@ -144,7 +146,7 @@ class RelaydRequest(Request):
         super().handleContentChunk(data)
 
     def process(self) -> None:
-        self.relayd_started = self.channel.site.clock.seconds() if self.channel else 0.0
+        self.relayd_started = self.clock.seconds()
         if self._too_large:
             self.setResponseCode(413)
             self.setHeader(b"Content-Type", JSON)
@@ -163,11 +165,12 @@ class RelaydSite(Site):
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
-        self.requestFactory = type("Request", (RelaydRequest,), {"max_body": max_body})
+        self.requestFactory = cast("type[RelaydRequest]",
+                                   type("Request", (RelaydRequest,), {"max_body": max_body, "clock": clock}))
         super().__init__(resource, **kwargs)
         self.noisy = False
 
-    def log(self, request: Request) -> None:  # called by Request.finish()
+    def log(self, request: http.Request) -> None:  # called by Request.finish()
         started = getattr(request, "relayd_started", None)
         duration = (self.clock.seconds() - started) * 1000 if started is not None else 0.0
         agent = request.getHeader(b"user-agent") or b"-"

@@ -157,7 +157,7 @@ class SaaSClient:
 
     def call(self, method: str, url: str, headers: Mapping[str, str], body: Any = None) -> Deferred[Any]:
         d = ensureDeferred(self._call(method, url, headers, body))
-        d.addTimeout(self.timeout, self.clock)  # type: ignore[arg-type]
+        d.addTimeout(self.timeout, self.clock)
         self._pending.add(d)
 
         def forget(result: Any) -> Any:

@@ -390,7 +390,7 @@ def _clause_matches(clause: Mapping[str, Any], scope: _Scope) -> bool:
         for seg_key in values:
             if isinstance(seg_key, str):
                 seg = scope.segments.get(seg_key)
-                if not is_deleted(seg) and _segment_contains(seg, scope):
+                if seg is not None and not is_deleted(seg) and _segment_contains(seg, scope):
                     return not negate
         return negate
     attr = clause.get("attribute")
@@ -599,7 +599,7 @@ def _eval_flag(flag: Mapping[str, Any], scope: _Scope, record: list[str] | None)
                     continue
                 pkey = as_str(p.get("key"))
                 pflag = scope.flags.get(pkey)
-                if is_deleted(pflag):
+                if pflag is None or is_deleted(pflag):
                     return _off(flag, {"kind": "PREREQUISITE_FAILED", "prerequisiteKey": pkey})
                 if pkey in chain:
                     raise _Malformed(f"prerequisite cycle through {pkey!r}")

@@ -116,7 +116,7 @@ class EventForwarder(Service):
             from twisted.web.client import Agent, HTTPConnectionPool
 
             self._pool = HTTPConnectionPool(clock, persistent=True)
-            http = HTTPClient(Agent(clock, pool=self._pool, connectTimeout=10))  # type: ignore[arg-type]
+            http = HTTPClient(Agent(clock, pool=self._pool, connectTimeout=10))
         self._http = http
         if not user_agent:
             from relayd import __version__

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
@@ -145,11 +145,12 @@ class Streams:
 
     def _closed(self, sub: Subscriber) -> None:
         if self.hub.count(sub.topic) == 0:
-            topics = self._client_topics.get(sub.topic[1])
+            env_id = cast(tuple[Any, ...], sub.topic)[1]  # client topics are (kind, env id, ...)
+            topics = self._client_topics.get(env_id)
             if topics is not None:
                 topics.pop(sub.topic, None)
                 if not topics:
-                    del self._client_topics[sub.topic[1]]
+                    del self._client_topics[env_id]
 
     def _refresh(self, env: Environment, state: ClientTopic) -> None:
         """Bring a topic's result up to the environment's revision (a no-op when it already is)."""

@@ -166,7 +166,7 @@ class EnvironmentStream(Service):
         user_agent: str = USER_AGENT,
     ) -> None:
         self.env = environment_for(store, env_config)
-        self.name = f"launchdarkly upstream {env_config.name}"  # type: ignore[assignment]
+        self.name = f"launchdarkly upstream {env_config.name}"
         self._sdk_key = env_config.sdk_key
         self._clock = clock
         self._init_timeout = config.init_timeout
