@@ -34,7 +34,13 @@ from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    ensureDeferred,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.ssl import optionsForClientTLS
@@ -45,7 +51,15 @@ from relayd.config import RedisConfig
 from relayd.harness.metrics import MetricsBuffer
 from relayd.logs import Logger
 from relayd.snapshot import FORMAT, _decode_meta, dump
-from relayd.store import INITIALIZING, INTERRUPTED, Change, Environment, Item, Status, Store
+from relayd.store import (
+    INITIALIZING,
+    INTERRUPTED,
+    Change,
+    Environment,
+    Item,
+    Status,
+    Store,
+)
 
 log = Logger()
 

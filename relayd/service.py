@@ -24,7 +24,13 @@ from relayd.launchdarkly.events import DiscardEvents, EventForwarder, EventSink
 from relayd.launchdarkly.upstream import EnvironmentStream, GoalsProxy
 from relayd.logs import Logger
 from relayd.offline import OfflineSource
-from relayd.redisstore import HarnessMetricsRelay, RedisReader, RedisWriter, follows_redis, redis_service
+from relayd.redisstore import (
+    HarnessMetricsRelay,
+    RedisReader,
+    RedisWriter,
+    follows_redis,
+    redis_service,
+)
 from relayd.reload import ReloadOnHUP
 from relayd.snapshot import SnapshotService
 from relayd.sse import SSEHub

@@ -407,12 +407,10 @@ class SSEClient(Service):
         self._pool: Any = None
         if http is None:
             # A stream never goes back to a pool: use a private non-persistent one.
-            from treq.client import HTTPClient
-            from twisted.web.client import Agent, HTTPConnectionPool
+            from relayd.httpclient import http_client
 
-            self._pool = HTTPConnectionPool(clock, persistent=False)
-            agent = Agent(clock, pool=self._pool, connectTimeout=connect_timeout)
-            http = cast(HTTPClientLike, HTTPClient(agent))
+            client, self._pool = http_client(clock, persistent=False, connect_timeout=connect_timeout)
+            http = cast(HTTPClientLike, client)
         self._http: HTTPClientLike = http
         self._read_timeout = read_timeout
         self._initial_delay = initial_delay

@@ -30,7 +30,12 @@ from werkzeug.exceptions import HTTPException
 
 from relayd import sse
 from relayd.harness import tokens
-from relayd.harness.evaluate import Target, evaluate_all, evaluation_json, unserved_reason
+from relayd.harness.evaluate import (
+    Target,
+    evaluate_all,
+    evaluation_json,
+    unserved_reason,
+)
 from relayd.harness.metrics import MetricsBuffer
 from relayd.logs import Logger
 from relayd.sse import SSEHub

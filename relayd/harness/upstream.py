@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from relayd import __version__
 from relayd.config import HarnessConfig
 from relayd.harness.metrics import MetricsBuffer
+from relayd.httpclient import http_client
 from relayd.logs import Logger
 from relayd.sseclient import (
     ERROR_RESPONSE,
@@ -746,12 +747,7 @@ class MetricsForwarder(Service):
 
 def make_http(reactor: Any) -> tuple[Any, Any]:
     """A treq client on a persistent pool for API calls, and the pool (closed on stop)."""
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 8
-    return HTTPClient(Agent(reactor, pool=pool, connectTimeout=10)), pool
+    return http_client(reactor)
 
 
 class HarnessUpstream(MultiService):

@@ -22,7 +22,14 @@ from typing import Any, Callable, Mapping, Optional
 
 from relayd import regex
 from relayd.launchdarkly.contexts import DEFAULT_KIND, Context, secure_mode_hash
-from relayd.launchdarkly.model import arr, as_int, as_str, client_side_available, is_deleted, version_of
+from relayd.launchdarkly.model import (
+    arr,
+    as_int,
+    as_str,
+    client_side_available,
+    is_deleted,
+    version_of,
+)
 
 __all__ = [
     "Detail",

@@ -112,11 +112,9 @@ class EventForwarder(Service):
         self._clock = clock
         self._pool: Any = None
         if http is None:
-            from treq.client import HTTPClient
-            from twisted.web.client import Agent, HTTPConnectionPool
+            from relayd.httpclient import http_client
 
-            self._pool = HTTPConnectionPool(clock, persistent=True)
-            http = HTTPClient(Agent(clock, pool=self._pool, connectTimeout=10))
+            http, self._pool = http_client(clock)
         self._http = http
         if not user_agent:
             from relayd import __version__

@@ -313,10 +313,9 @@ class GoalsProxy:
         self.ttl = ttl
         self.timeout = timeout
         if http is None:
-            from treq.client import HTTPClient
-            from twisted.web.client import Agent, HTTPConnectionPool
+            from relayd.httpclient import http_client
 
-            http = HTTPClient(Agent(clock, pool=HTTPConnectionPool(clock)))
+            http, _ = http_client(clock)
         self.http = http
         self._cache: dict[str, tuple[float, int, bytes]] = {}
 
