@@ -32,9 +32,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
+
+from relayd.httpclient import http_client
+from relayd.logs import Logger
 
 __all__ = [
     "ERROR_RESPONSE",
@@ -407,8 +409,6 @@ class SSEClient(Service):
         self._pool: Any = None
         if http is None:
             # A stream never goes back to a pool: use a private non-persistent one.
-            from relayd.httpclient import http_client
-
             client, self._pool = http_client(clock, persistent=False, connect_timeout=connect_timeout)
             http = cast(HTTPClientLike, client)
         self._http: HTTPClientLike = http

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 
 from relayd.config import LaunchDarklyConfig
+from relayd.httpclient import http_client
 from relayd.logs import Logger
 from relayd.store import Environment
 
@@ -112,8 +113,6 @@ class EventForwarder(Service):
         self._clock = clock
         self._pool: Any = None
         if http is None:
-            from relayd.httpclient import http_client
-
             http, self._pool = http_client(clock)
         self._http = http
         if not user_agent:

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from relayd import __version__
 from relayd.config import LaunchDarklyConfig, LaunchDarklyEnvConfig
+from relayd.httpclient import http_client
 from relayd.launchdarkly.model import as_int, is_deleted
 from relayd.logs import Logger
 from relayd.sseclient import (
@@ -313,8 +314,6 @@ class GoalsProxy:
         self.ttl = ttl
         self.timeout = timeout
         if http is None:
-            from relayd.httpclient import http_client
-
             http, _ = http_client(clock)
         self.http = http
         self._cache: dict[str, tuple[float, int, bytes]] = {}
