@@ -21,7 +21,12 @@ def set_level(name: str) -> None:
     _threshold = _ORDER[LogLevel.levelWithName(name)]
 
 
+def enabled(level: LogLevel) -> bool:
+    """Whether a message at ``level`` would be emitted: lets hot paths skip building one that would not."""
+    return _ORDER.get(level, 4) >= _threshold
+
+
 class Logger(_TwistedLogger):
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
-        if _ORDER.get(level, 4) >= _threshold:
+        if enabled(level):
             super().emit(level, format, **kwargs)

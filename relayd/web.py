@@ -14,6 +14,7 @@ from io import BytesIO
 from typing import Any, Iterable, Mapping, cast
 from urllib.parse import parse_qsl, urlencode
 
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.iweb import IRequest
@@ -21,6 +22,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
+from relayd import logs
 from relayd.logs import Logger
 
 log = Logger()
@@ -171,6 +173,8 @@ class RelaydSite(Site):
         self.noisy = False
 
     def log(self, request: http.Request) -> None:  # called by Request.finish()
+        if not logs.enabled(LogLevel.info):
+            return
         started = getattr(request, "relayd_started", None)
         duration = (self.clock.seconds() - started) * 1000 if started is not None else 0.0
         agent = request.getHeader(b"user-agent") or b"-"

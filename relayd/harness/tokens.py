@@ -10,9 +10,11 @@ its tokens: the caller checks it against the environment's current key hashes on
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -49,8 +51,11 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _unb64(text: str) -> bytes:
-    if not text or len(text) % 4 == 1 or not all(c.isalnum() or c in "-_" for c in text):
+    if len(text) % 4 == 1 or not _BASE64URL.fullmatch(text):
         raise TokenError("token segment is not base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -75,6 +80,16 @@ def issue(secret: bytes, environment: str, hashed_key: str, now: float) -> str:
 def verify(secret: bytes, token: str, now: float | None = None, leeway: float = 60.0) -> Claims:
     """The claims of a token we signed; TokenError otherwise. The signature is compared in constant time
     and checked before anything of the payload is trusted."""
+    claims, nbf = _verified(secret, token)
+    if now is not None and nbf is not None and nbf > now + leeway:
+        raise TokenError("token not valid yet")
+    return claims
+
+
+@functools.lru_cache(maxsize=16384)
+def _verified(secret: bytes, token: str) -> tuple[Claims, float | None]:
+    """The time-independent part of ``verify``. SDKs present the same token on every request, so good tokens
+    are remembered (a bad one raises, and exceptions are never cached)."""
     parts = token.split(".")
     if len(parts) != 3:
         raise TokenError("token is not three base64url segments")
@@ -101,10 +116,9 @@ def verify(secret: bytes, token: str, now: float | None = None, leeway: float = 
     if not isinstance(api_key, str) or not api_key.startswith(KEY_PREFIX):
         raise TokenError("token has no apiKey")
     nbf = payload.get("nbf")
-    if now is not None and isinstance(nbf, (int, float)) and not isinstance(nbf, bool) and nbf > now + leeway:
-        raise TokenError("token not valid yet")
     cluster = payload.get("clusterIdentifier")
     iat = payload.get("iat")
-    return Claims(environment=environment, key_hash=api_key[len(KEY_PREFIX):],
-                  cluster=cluster if isinstance(cluster, str) else "1",
-                  issued_at=iat if isinstance(iat, int) and not isinstance(iat, bool) else 0)
+    claims = Claims(environment=environment, key_hash=api_key[len(KEY_PREFIX):],
+                    cluster=cluster if isinstance(cluster, str) else "1",
+                    issued_at=iat if isinstance(iat, int) and not isinstance(iat, bool) else 0)
+    return claims, (nbf if isinstance(nbf, (int, float)) and not isinstance(nbf, bool) else None)
