@@ -20,6 +20,8 @@ from twisted.internet.threads import deferToThread
 
 from relayd.config import HarnessConfig
 from relayd.harness import offline as harness_offline
+from relayd.harness.api import HarnessAPI
+from relayd.harness.directory import AdminDirectory, ListedEnvironment, find_environment, listed_environment
 from relayd.harness.metrics import MetricsBuffer
 from relayd.harness.upstream import (
     HarnessUpstream,
@@ -32,6 +34,7 @@ from relayd.harness.upstream import (
     sha256_hex,
 )
 from relayd.health import HealthAPI
+from relayd.sse import SSEHub
 from relayd.sseclient import StreamError
 from relayd.store import INTERRUPTED, OFF, VALID, Item, Store
 from tests.doubles.harness_saas import HarnessSaaS, flag, segment
@@ -39,6 +42,8 @@ from tests.test_sseclient import FakeHTTP
 
 ENV = "0d9d3c6e-1111-4aaa-8bbb-000000000001"
 KEY = "server-key-0001"
+ENV2 = "0d9d3c6e-2222-4aaa-8bbb-000000000002"
+KEY2 = "server-key-0002"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,6 +73,100 @@ def test_merge_newer_keeps_newer_store_items_and_tombstones():
     fetched = {"a": {"version": 4}, "b": {"version": 2}}
     out = merge_newer(current, fetched)
     assert out == {"a": Item(5, {"v": 5}), "b": Item(2, {"version": 2}), "gone": Item(9, None)}
+
+
+def _h(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_listed_environment_reads_the_embedded_key_list():
+    item = {"id": ENV, "identifier": "dev", "name": "Dev", "project": "ignored-when-listed-under-a-project",
+            "apiKeys": {"apiKeys": [{"apiKey": "****", "key": _h("a").upper()}, {"apiKey": "****", "key": "masked"},
+                                    {"apiKey": "****"}, {"key": _h("b")}], "itemCount": 4, "pageCount": 1}}
+    assert listed_environment("proj", item) == ListedEnvironment(ENV, "dev", "proj", frozenset({_h("a"), _h("b")}))
+    # the embedded list is itself paged and holds only part of the keys: unknown, ask /admin/apikey
+    partial = dict(item, apiKeys={"apiKeys": [{"key": _h("a")}], "itemCount": 150})
+    assert listed_environment("proj", partial).hashes is None  # type: ignore[union-attr]
+    assert listed_environment("", {"identifier": "qa", "project": "p2"}) == ListedEnvironment("", "qa", "p2",
+                                                                                                 frozenset())
+    assert listed_environment("proj", {"identifier": "", "id": ENV}) is None
+    assert listed_environment("proj", ["not", "an", "object"]) is None
+
+
+def test_find_environment_by_uuid_where_listed_else_by_identifiers():
+    claims = {"environment": ENV, "environmentIdentifier": "dev", "projectIdentifier": "proj"}
+    same_names_other_uuid = ListedEnvironment(ENV2, "dev", "proj", frozenset({"x"}))
+    by_uuid = ListedEnvironment(ENV, "renamed", "elsewhere", frozenset({"y"}))
+    by_names = ListedEnvironment("", "dev", "proj", frozenset({"z"}))
+    assert find_environment([same_names_other_uuid, by_uuid, by_names], claims) is by_uuid
+    assert find_environment([same_names_other_uuid, by_names], claims) is by_names
+    assert find_environment([same_names_other_uuid], claims) is None
+    assert find_environment([ListedEnvironment("", "dev", "other", frozenset())], claims) is None
+    assert find_environment([by_names], {"environment": ENV}) is None
+
+
+class _Calls:
+    """A JSON caller whose answers the test gives, one pending Deferred per call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, defer.Deferred[Any]]] = []
+
+    def call(self, method: str, url: str, headers: Any, body: Any = None) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.calls.append((urlsplit(url).path, d))
+        return d
+
+    def answer(self, body: Any) -> None:
+        next(d for _, d in self.calls if not d.called).callback(body)
+
+
+def _directory() -> tuple[task.Clock, _Calls, AdminDirectory]:
+    clock = task.Clock()
+    calls = _Calls()
+    cfg = HarnessConfig(account="a", org="o", admin_token="t", api_keys=(KEY,), admin_url="https://a.test/cf")
+    return clock, calls, AdminDirectory(cfg, calls, clock, max_age=60.0)
+
+
+def test_directory_pass_is_shared_reused_for_max_age_and_not_kept_when_it_fails():
+    clock, calls, directory = _directory()
+    claims = {"environment": ENV}
+    first = defer.ensureDeferred(directory.hashes_for(claims))
+    second = defer.ensureDeferred(directory.hashes_for(claims))  # joins the pass in flight
+    calls.answer({"status": "SUCCESS", "data": {"projects": [{"identifier": "proj"}], "pageCount": 1}})
+    calls.answer({"environments": [{"id": ENV, "identifier": "dev", "apiKeys": {"apiKeys": [{"key": _h("k")}]}}],
+                  "pageCount": 1})
+    assert first.result == second.result == frozenset({_h("k")})
+    assert [p for p, _ in calls.calls] == ["/cf/admin/projects", "/cf/admin/environments"]
+    clock.advance(59)
+    assert defer.ensureDeferred(directory.hashes_for({"environment": "unknown"})).result is None
+    assert len(calls.calls) == 2 and directory.passes == 1  # reused
+    clock.advance(2)
+    failed = defer.ensureDeferred(directory.hashes_for(claims))  # too old: a new pass, which fails
+    calls.calls[-1][1].errback(StreamError("ERROR_RESPONSE", "HTTP 500", status=500))
+    errors: list[Any] = []
+    failed.addErrback(errors.append)
+    assert errors[0].check(StreamError) and errors[0].value.status == 500
+    defer.ensureDeferred(directory.hashes_for(claims))
+    assert directory.passes == 3  # the failure was not kept
+
+
+def test_directory_without_a_projects_listing_answers_none():
+    _, calls, directory = _directory()
+    d = defer.ensureDeferred(directory.hashes_for({"environment": ENV}))
+    calls.calls[0][1].errback(StreamError("ERROR_RESPONSE", "HTTP 404", status=404))
+    assert d.result is None
+    assert defer.ensureDeferred(directory.hashes_for({"environment": ENV})).result is None
+    assert len(calls.calls) == 1
+
+
+def test_directory_waiter_cancelled_leaves_the_pass_to_the_others():
+    _, calls, directory = _directory()
+    gone = directory.environments()
+    kept = directory.environments()
+    gone.cancel()
+    gone.addErrback(lambda f: f.trap(defer.CancelledError))
+    calls.answer({"projects": []})
+    assert kept.result == []
 
 
 # ---------------------------------------------------------------------------------------------- loopback
@@ -169,15 +268,14 @@ async def test_startup_pages_every_admin_list_and_loads_the_store(saas, running)
     hashes = {sha256_hex(KEY)} | {hashlib.sha256(f"client-{i}".encode()).hexdigest() for i in range(4)}
     assert env.meta["api_key_hashes"] == frozenset(hashes)
     assert env.meta["api_keys"] == (KEY,)
-    for path in ("/gateway/cf/admin/apikey", "/gateway/cf/admin/targets"):
-        calls = requests_to(saas, path)
-        first_three = [q["pageNumber"][0] for q, _ in calls[:3]]
-        assert first_three == ["0", "1", "2"], path
-        for q, h in calls:
-            assert h["x-api-key"] == "admin-token"
-            assert int(q["pageSize"][0]) <= 100
-            assert q["accountIdentifier"] == ["acc"] and q["orgIdentifier"] == ["org"]
-            assert q["environmentIdentifier"] == ["dev"] and q["projectIdentifier"] == ["proj"]
+    assert requests_to(saas, "/gateway/cf/admin/apikey") == []  # the keys came from the environments listing
+    calls = requests_to(saas, "/gateway/cf/admin/targets")
+    assert [q["pageNumber"][0] for q, _ in calls[:3]] == ["0", "1", "2"]
+    for q, h in calls:
+        assert h["x-api-key"] == "admin-token"
+        assert int(q["pageSize"][0]) <= 100
+        assert q["accountIdentifier"] == ["acc"] and q["orgIdentifier"] == ["org"]
+        assert q["environmentIdentifier"] == ["dev"] and q["projectIdentifier"] == ["proj"]
     (q, h), *_ = requests_to(saas, f"/api/1.0/client/env/{ENV}/feature-configs")
     assert q["cluster"] == ["2"]  # from the token's clusterIdentifier
     assert h["harness-environmentid"] == ENV and h["harness-accountid"] == "acc"
@@ -198,6 +296,119 @@ async def test_startup_accepts_the_older_admin_envelope_and_skips_targets_when_o
     assert len(r.env.meta["api_key_hashes"]) == 5
     assert requests_to(saas, "/gateway/cf/admin/targets") == []
     assert dict(r.env.all("targets")) == {}
+
+
+def sdk_auth(store: Store, key: str) -> tuple[int, Any]:
+    """POST /client/auth to relayd's Harness SDK API on this store, as an SDK does: (status, JSON body)."""
+    clock = task.Clock()
+    api = HarnessAPI(store, SSEHub(clock), clock, b"upstream-test-secret-32-bytes!!!")
+    out: list[Any] = []
+    try:
+        stub = StubTreq(api.resource())
+        stub.post("http://relayd.test/client/auth", json={"apiKey": key}).addCallback(
+            lambda r: r.json().addCallback(lambda body: out.append((r.code, body))))
+        stub.flush()
+    finally:
+        api.unsubscribe()
+    return out[0]
+
+
+def paths(saas: HarnessSaaS) -> list[str]:
+    return [urlsplit(uri).path for _, uri, _ in saas.requests]
+
+
+@pytest_twisted.ensureDeferred
+async def test_startup_pages_projects_and_environments_once_for_all_keys(saas, running):
+    """Two configured keys in two projects; five projects and three environments in the first project, served two
+    to a page: one pass of every page, all keys of each environment in the store, no /admin/apikey at all."""
+    saas.add_env(ENV2, KEY2, identifier="prod", project="proj2").flags = {"g": flag("g")}
+    saas.add_env("0d9d3c6e-3333-4aaa-8bbb-000000000003", "unconfigured-qa", identifier="qa", project="proj")
+    saas.add_env("0d9d3c6e-4444-4aaa-8bbb-000000000004", "unconfigured-stage", identifier="stage", project="proj")
+    saas.extra_projects = ["alpha", "beta", "gamma"]
+    saas.broken["apikey"] = 500  # would be noticed: the listing must not be needed
+    r = running(api_keys=(KEY, KEY2), target_poll=0.0)
+    await r.source.ready
+    await r.upstream.sources[KEY2].ready
+    projects = requests_to(saas, "/gateway/cf/admin/projects")
+    assert [q["pageNumber"] for q, _ in projects] == [["0"], ["1"], ["2"]]  # 5 projects, pages of 2, once
+    for q, h in projects:
+        assert h["x-api-key"] == "admin-token" and q["pageSize"] == ["100"]
+        assert q["accountIdentifier"] == ["acc"] and q["orgIdentifier"] == ["org"]
+    envs = requests_to(saas, "/gateway/cf/admin/environments")
+    asked = [(q["projectIdentifier"][0], q["pageNumber"][0]) for q, _ in envs]
+    assert sorted(asked) == sorted([("proj", "0"), ("proj", "1"), ("proj2", "0"), ("alpha", "0"), ("beta", "0"),
+                                    ("gamma", "0")])
+    for q, h in envs:
+        assert h["x-api-key"] == "admin-token" and int(q["pageSize"][0]) <= 100
+        assert q["accountIdentifier"] == ["acc"] and q["orgIdentifier"] == ["org"]
+    assert requests_to(saas, "/gateway/cf/admin/apikey") == []
+    env2 = r.store.environment("harness", ENV2)
+    assert r.env.meta["api_key_hashes"] == frozenset({_h(KEY)} | {_h(f"client-{i}") for i in range(4)})
+    assert env2.meta["api_key_hashes"] == frozenset({_h(KEY2)})
+    assert set(env2.all("flags")) == {"g"}
+    # in order: auth, the admin pass, then the client API of each key
+    seen = paths(saas)
+    last_admin = max(i for i, p in enumerate(seen) if "/admin/" in p)
+    assert seen.index("/api/1.0/client/auth") < seen.index("/gateway/cf/admin/projects")
+    assert seen.index("/gateway/cf/admin/projects") < seen.index("/gateway/cf/admin/environments")
+    assert last_admin < seen.index(f"/api/1.0/client/env/{ENV}/feature-configs")
+    assert last_admin < seen.index(f"/api/1.0/client/env/{ENV2}/feature-configs")
+    # an SDK using ANOTHER key of the environment, known to relayd only from the environments listing
+    code, body = sdk_auth(r.store, "client-2")
+    assert code == 200 and jwt.decode(body["authToken"], options={"verify_signature": False})["environment"] == ENV
+    assert sdk_auth(r.store, "client-9")[0] == 401
+    assert sdk_auth(r.store, KEY2)[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_bare_listing_without_uuids_matches_by_project_and_environment_identifier(saas, running):
+    saas.directory_envelope = False
+    saas.directory_ids = False
+    saas.add_env(ENV2, KEY2, identifier="dev", project="proj2")  # same environment identifier, other project
+    r = running(target_poll=0.0)
+    await r.source.ready
+    assert r.env.meta["api_key_hashes"] == frozenset({_h(KEY)} | {_h(f"client-{i}") for i in range(4)})
+    assert requests_to(saas, "/gateway/cf/admin/apikey") == []
+    assert sdk_auth(r.store, "client-0")[0] == 200
+    assert sdk_auth(r.store, KEY2)[0] == 401  # proj2's key is not this environment's
+
+
+@pytest.mark.parametrize("why", ["no projects listing", "environment not listed"])
+@pytest_twisted.ensureDeferred
+async def test_falls_back_to_the_apikey_listing(saas, running, why):
+    if why == "no projects listing":
+        saas.broken["projects"] = 404
+    else:
+        saas.unlisted.add(ENV)
+    r = running(target_poll=0.0)
+    await r.source.ready
+    await eventually(connected(r, saas))
+    calls = requests_to(saas, "/gateway/cf/admin/apikey")
+    assert [q["pageNumber"] for q, _ in calls[:3]] == [["0"], ["1"], ["2"]]  # 5 keys, pages of 2
+    for q, h in calls:
+        assert h["x-api-key"] == "admin-token"
+        assert q["environmentIdentifier"] == ["dev"] and q["projectIdentifier"] == ["proj"]
+    assert r.env.meta["api_key_hashes"] == frozenset({_h(KEY)} | {_h(f"client-{i}") for i in range(4)})
+    assert len(requests_to(saas, "/gateway/cf/admin/projects")) == 1
+    assert sdk_auth(r.store, "client-3")[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_failures_do_not_stop_serving(saas, running):
+    saas.broken.update(projects=500, apikey=503, targets=500)
+    r = running(target_poll=3600.0)
+    await r.source.ready
+    await eventually(connected(r, saas))
+    assert set(r.env.all("flags")) == {"f0", "f1", "f2"}  # served all the same
+    assert health(r.store) == {ENV: "CONNECTED"}
+    assert r.env.meta["api_key_hashes"] == frozenset({_h(KEY)})  # the configured key at least
+    assert sdk_auth(r.store, KEY)[0] == 200 and sdk_auth(r.store, "client-1")[0] == 401
+    # the admin API comes back; the next re-sync (a stream reconnect) learns the other keys
+    saas.broken.clear()
+    saas.drop_streams(mid_event=False)
+    await eventually(lambda: len(r.env.meta["api_key_hashes"]) == 5)
+    await eventually(connected(r, saas))
+    assert sdk_auth(r.store, "client-1")[0] == 200
 
 
 @pytest_twisted.ensureDeferred
@@ -384,6 +595,8 @@ async def test_export_writes_a_folder_the_offline_reader_loads(saas, tmp_path):
     assert set(data.kinds["segments"]) == {"beta"}
     assert len(data.kinds["targets"]) == 5
     assert sha256_hex(KEY) in data.meta["api_key_hashes"] and len(data.meta["api_key_hashes"]) == 5
+    assert requests_to(saas, "/gateway/cf/admin/apikey") == []  # the same admin pass as a running relayd
+    assert len(requests_to(saas, "/gateway/cf/admin/projects")) == 1
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["harness"]  # no temporary leftovers
     # a second export replaces the first atomically
     saas.envs[ENV].flags.pop("f0")

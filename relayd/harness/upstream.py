@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_harness_upstream -*-
 """Everything relayd sends to the Harness SaaS (protocols/harness.md sections 3.1 and 4.1, v1 flow).
 
-Per configured server key a :class:`KeySource` authenticates (``POST /client/auth``), pages the admin API for the
-environment's hashed SDK keys (and targets), fetches flags and segments into the store, and then follows the
+Per configured server key a :class:`KeySource` authenticates (``POST /client/auth``), learns all hashed SDK keys of
+its environment from the projects/environments pass of the admin API that every key shares
+(:class:`relayd.harness.directory.AdminDirectory`; ``/admin/apikey`` where that listing is missing or silent about
+the environment), pages the admin targets, fetches flags and segments into the store, and then follows the
 SaaS ``/stream`` (or polls every ``flag_poll`` when ``stream = false``). Every (re)connect re-fetches everything
 and ``Environment.replace`` reports the differences, which the SDK API turns into events: SDK streams stay open
 through an outage and converge afterwards (the end of section 2.6 says why relayd does not close them).
@@ -37,6 +39,8 @@ from twisted.python.failure import Failure
 
 from relayd import __version__
 from relayd.config import HarnessConfig
+from relayd.harness.directory import PAGE_SIZE, AdminDirectory, admin_page, page_all
+from relayd.harness.directory import key_hashes as directory_key_hashes
 from relayd.harness.metrics import MetricsBuffer
 from relayd.httpclient import http_client
 from relayd.logs import Logger
@@ -53,10 +57,14 @@ from relayd.store import INTERRUPTED, OFF, VALID, Environment, Item, Store
 
 __all__ = [
     "FAMILY",
+    "PAGE_SIZE",
+    "AdminDirectory",
     "HarnessUpstream",
     "KeySource",
     "MetricsForwarder",
     "SaaSClient",
+    "admin_key_hashes",
+    "admin_page",
     "decode_jwt_payload",
     "export",
     "sha256_hex",
@@ -66,7 +74,6 @@ log = Logger()
 
 FAMILY = "harness"
 FLAGS, SEGMENTS, TARGETS = "flags", "segments", "targets"
-PAGE_SIZE = 100  # the admin API's maximum (section 3.1)
 SDK_INFO = f"Proxy {__version__}"  # what the vendor's own relay sends as Harness-SDK-Info (section 3.2)
 USER_AGENT = f"relayd/{__version__}"
 
@@ -113,20 +120,6 @@ def _keyed(items: Any, id_field: str, what: str) -> dict[str, Any]:
             raise StreamError(INVALID_DATA, f"{what}: an item has no string {id_field!r}")
         out[item[id_field]] = item
     return out
-
-
-def admin_page(body: Any, list_field: str) -> tuple[list[Any], int | None]:
-    """The items and page count of one admin page, bare (``{"apiKeys": [..], "pageCount": N}``) or in the older
-    envelope (``{"status": "SUCCESS", "data": {...}}``)."""
-    if isinstance(body, dict) and isinstance(body.get("data"), dict) and list_field not in body:
-        body = body["data"]
-    if not isinstance(body, dict):
-        raise StreamError(INVALID_DATA, f"admin {list_field}: expected a JSON object")
-    items = body.get(list_field) or []
-    if not isinstance(items, list):
-        raise StreamError(INVALID_DATA, f"admin {list_field}: expected an array")
-    count = body.get("pageCount")
-    return items, count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def merge_newer(current: Mapping[str, Item], fetched: Mapping[str, Any]) -> dict[str, Item]:
@@ -285,31 +278,33 @@ class Fetcher:
                               {"rules": "v2"})
 
     async def admin_pages(self, path: str, list_field: str) -> list[Any]:
-        """Every page of an admin list (section 3.1: pageSize <= 100; stop at pageCount - 1 or an empty page)."""
-        out: list[Any] = []
-        page = 0
-        while True:
-            q = {"accountIdentifier": self.config.account, "orgIdentifier": self.config.org,
-                 "projectIdentifier": str(self.claims.get("projectIdentifier", "")),
-                 "environmentIdentifier": str(self.claims.get("environmentIdentifier", "")),
-                 "pageNumber": str(page), "pageSize": str(PAGE_SIZE)}
-            body = await self.client.call("GET", f"{self.config.admin_url}{path}?{urlencode(q)}",
-                                          {"x-api-key": self.config.admin_token})
-            items, count = admin_page(body, list_field)
-            out.extend(items)
-            if not items or (count is not None and page >= count - 1):
-                return out
-            page += 1
-            if page > 100_000:
-                raise StreamError(INVALID_DATA, f"admin {path}: too many pages")
+        """Every page of an admin list of this key's environment (section 3.1, the newer parameter names)."""
+        q = {"accountIdentifier": self.config.account, "orgIdentifier": self.config.org,
+             "projectIdentifier": str(self.claims.get("projectIdentifier", "")),
+             "environmentIdentifier": str(self.claims.get("environmentIdentifier", ""))}
+        return await page_all(self.client, f"{self.config.admin_url}{path}", q, self.config.admin_token, list_field)
 
     async def key_hashes(self) -> frozenset[str]:
-        keys = await self.admin_pages("/admin/apikey", "apiKeys")
-        return frozenset(k["key"].lower() for k in keys
-                         if isinstance(k, dict) and isinstance(k.get("key"), str) and len(k["key"]) == 64)
+        """The environment's hashed SDK keys from the v1 ``/admin/apikey`` listing (the fallback)."""
+        return directory_key_hashes(await self.admin_pages("/admin/apikey", "apiKeys"))
 
     async def targets(self) -> dict[str, Any]:
         return _keyed(await self.admin_pages("/admin/targets", "targets"), "identifier", "admin targets")
+
+
+async def admin_key_hashes(directory: AdminDirectory, fetch: Fetcher) -> frozenset[str]:
+    """Every hashed SDK key of the authenticated key's environment: from the shared projects/environments pass, or
+    from ``/admin/apikey`` when that pass fails or cannot tell (no projects listing, environment not listed, keys
+    only partly embedded). Raises the StreamError of ``/admin/apikey`` when both fail."""
+    try:
+        found = await directory.hashes_for(fetch.claims)
+    except StreamError as e:
+        log.warn("admin projects/environments listing not read ({error}); reading /admin/apikey for environment "
+                 "{env}", error=e.message, env=fetch.env_id)
+        found = None
+    if found is not None:
+        return found
+    return await fetch.key_hashes()
 
 
 # ---------------------------------------------------------------------------------------------- one key
@@ -319,7 +314,8 @@ class KeySource(Service):
     """One configured server key: its environment in the store, kept in sync with the SaaS."""
 
     def __init__(self, config: HarnessConfig, api_key: str, store: Store, client: SaaSClient,
-                 clock: IReactorTime, *, stream_http: Any = None, read_timeout: float = 60.0,
+                 clock: IReactorTime, *, directory: AdminDirectory | None = None, stream_http: Any = None,
+                 read_timeout: float = 60.0,
                  initial_delay: float = 1.0, max_delay: float = 30.0, reset_after: float = 60.0,
                  random: Callable[[], float] = _random.random) -> None:
         self.config = config
@@ -327,6 +323,7 @@ class KeySource(Service):
         self.store = store
         self.clock = clock
         self.fetch = Fetcher(config, api_key, client)
+        self.directory = directory if directory is not None else AdminDirectory(config, client, clock)
         self.name = f"harness-key-{api_key[-4:]}"
         self.env: Environment | None = None
         self.stream: SSEClient | None = None
@@ -453,8 +450,9 @@ class KeySource(Service):
     async def _sync(self, with_targets: bool) -> None:
         env = self.env
         assert env is not None
+        hashes: frozenset[str] | None
         try:
-            hashes = await self.fetch.key_hashes()
+            hashes = await admin_key_hashes(self.directory, self.fetch)
         except StreamError as e:
             log.warn("admin API key list for environment {env} not read ({error}); SDKs keep using the hashes "
                      "known so far", env=env.id, error=e.message)
@@ -767,10 +765,11 @@ class HarnessUpstream(MultiService):
             http, self._pool = make_http(reactor)
         self.client = SaaSClient(http, self.clock, timeout)
         self.metrics = metrics if metrics is not None else MetricsBuffer()
+        self.directory = AdminDirectory(config, self.client, self.clock)  # one admin pass for all keys
         self.sources: dict[str, KeySource] = {}
         for key in config.api_keys:
-            source = KeySource(config, key, store, self.client, self.clock, stream_http=stream_http,
-                               **stream_options)
+            source = KeySource(config, key, store, self.client, self.clock, directory=self.directory,
+                               stream_http=stream_http, **stream_options)
             source.setServiceParent(self)
             self.sources[key] = source
         self.forwarder: MetricsForwarder | None = None
@@ -798,10 +797,11 @@ class HarnessUpstream(MultiService):
 async def fetch_all(config: HarnessConfig, client: SaaSClient) -> dict[str, dict[str, Any]]:
     """Everything the offline folder holds, per environment, from the live SaaS."""
     out: dict[str, dict[str, Any]] = {}
+    directory = AdminDirectory(config, client, client.clock)  # the same data, and one pass, as a running relayd
     for key in config.api_keys:
         fetch = Fetcher(config, key, client)
         claims = await fetch.authenticate()
-        hashes = await fetch.key_hashes()
+        hashes = await admin_key_hashes(directory, fetch)
         entry = out.setdefault(claims["environment"], {"hashes": set(), "claims": claims})
         entry["hashes"] |= hashes | {sha256_hex(key)}
         entry["flags"] = list((await fetch.flags()).values())

@@ -1,5 +1,6 @@
-"""A Harness SaaS double on loopback: admin API (paged, x-api-key), client API (auth, flags, segments, SSE stream)
-and events API (metrics), with faults a test can inject.
+"""A Harness SaaS double on loopback: admin API (projects, environments with their hashed keys, API keys, targets;
+paged, x-api-key), client API (auth, flags, segments, SSE stream) and events API (metrics), with faults a test can
+inject.
 
 Paths mirror the real services under one port: ``{url}/api/1.0`` (config_url), ``{url}/gateway/cf`` (admin_url),
 ``{url}/events/api/1.0`` (events_url).
@@ -77,7 +78,12 @@ class HarnessSaaS:
         self.faults: dict[str, list[int]] = {}  # route name -> statuses to answer, one per request
         self.token_epoch = 0  # tokens with an older "epoch" claim get 401 (expired)
         self.stall_stream = False  # accept stream requests but send nothing, not even headers' first byte
-        self.envelope = False  # answer admin lists in the older {"status","data"} envelope
+        self.envelope = False  # answer /admin/apikey and /admin/targets in the {"status","data"} envelope
+        self.directory_envelope = True  # /admin/projects and /admin/environments: enveloped (False: bare)
+        self.directory_ids = True  # /admin/environments items carry the environment UUID as "id"
+        self.extra_projects: list[str] = []  # projects without environments (more pages to read)
+        self.unlisted: set[str] = set()  # environment UUIDs /admin/environments leaves out
+        self.broken: dict[str, int] = {}  # route name -> status answered to every request until removed
         self.port: Any = None
         self.heartbeat = LoopingCall(lambda: [r.write(b":\n\n") for r, _ in list(self.streams)])
 
@@ -156,8 +162,8 @@ class HarnessSaaS:
 
     def _fault(self, request: Any, route: str) -> bytes | None:
         queue = self.faults.get(route)
-        if queue:
-            code = queue.pop(0)
+        code = queue.pop(0) if queue else self.broken.get(route)
+        if code is not None:
             request.setResponseCode(code)
             request.setHeader(b"content-type", b"application/json")
             return json.dumps({"error": f"injected {code}"}).encode()
@@ -276,7 +282,9 @@ class HarnessSaaS:
 
     # -- admin API
 
-    def _admin(self, request: Any, route: str, list_field: str, items_of: Any) -> bytes:
+    def _listing(self, request: Any, route: str, list_field: str, items_of: Any, envelope: bool,
+                 required: tuple[str, ...] = ()) -> bytes:
+        """One page of an admin list: x-api-key checked, pageSize <= 100 asked, pages of at most admin_page_size."""
         self._record(request)
         fault = self._fault(request, route)
         if fault is not None:
@@ -284,28 +292,67 @@ class HarnessSaaS:
         if (request.getHeader(b"x-api-key") or b"").decode() != self.admin_token:
             return self._json(request, {"message": "bad admin token"}, 401)
         args = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        missing = [name for name in required if not args.get(name)]
+        if missing:
+            return self._json(request, {"message": f"missing {', '.join(missing)}"}, 400)
         page, size = int(args.get("pageNumber", "0")), int(args.get("pageSize", "100"))
         if size > 100:
             return self._json(request, {"message": "pageSize too large"}, 400)
-        items: list[Any] = []
-        for env in self.envs.values():
-            if env.identifier == args.get("environmentIdentifier") and env.project == args.get("projectIdentifier"):
-                items.extend(items_of(env))
+        items = items_of(args)
         size = min(size, self.admin_page_size)
         pages = max(1, -(-len(items) // size))
         body = {list_field: items[page * size:(page + 1) * size], "itemCount": len(items), "pageCount": pages,
                 "pageIndex": page, "pageSize": size, "version": 1}
-        if self.envelope:
+        if envelope:
             body = {"status": "SUCCESS", "data": body, "metaData": {}, "correlationId": "c"}
         return self._json(request, body)
 
+    def _admin(self, request: Any, route: str, list_field: str, items_of: Any) -> bytes:
+        """A list of one environment (apikey, targets), chosen by projectIdentifier + environmentIdentifier."""
+        def items(args: dict[str, str]) -> list[Any]:
+            return [item for env in self.envs.values()
+                    if env.identifier == args.get("environmentIdentifier") and env.project == args.get(
+                        "projectIdentifier") for item in items_of(env)]
+        return self._listing(request, route, list_field, items, self.envelope)
+
     admin_page_size = 100  # the double may serve smaller pages than asked (the client must not stop early)
+
+    @staticmethod
+    def _key_objects(env: Env) -> list[dict[str, Any]]:
+        hashes = [hashlib.sha256(k.encode()).hexdigest() for k in env.keys] + env.extra_key_hashes
+        return [{"apiKey": "****", "identifier": f"k{i}", "key": h, "name": f"k{i}", "type": "server"}
+                for i, h in enumerate(hashes)]
+
+    @app.route("/gateway/cf/admin/projects", methods=["GET"])
+    def projects(self, request: Any) -> bytes:
+        def items(args: dict[str, str]) -> list[Any]:
+            names = list(dict.fromkeys([e.project for e in self.envs.values()] + self.extra_projects))
+            return [{"identifier": p, "name": p.title(), "description": "", "tags": []} for p in names]
+        return self._listing(request, "projects", "projects", items, self.directory_envelope,
+                             ("accountIdentifier", "orgIdentifier"))
+
+    @app.route("/gateway/cf/admin/environments", methods=["GET"])
+    def environments(self, request: Any) -> bytes:
+        def items(args: dict[str, str]) -> list[Any]:
+            out = []
+            for env in self.envs.values():
+                if env.project != args["projectIdentifier"] or env.uuid in self.unlisted:
+                    continue
+                keys = self._key_objects(env)
+                item = {"id": env.uuid, "identifier": env.identifier, "name": env.identifier.upper(),
+                        "project": env.project, "tags": [],
+                        "apiKeys": {"apiKeys": keys, "itemCount": len(keys), "pageCount": 1, "pageIndex": 0,
+                                    "pageSize": len(keys), "version": 1}}
+                if not self.directory_ids:
+                    del item["id"]
+                out.append(item)
+            return out
+        return self._listing(request, "environments", "environments", items, self.directory_envelope,
+                             ("accountIdentifier", "orgIdentifier", "projectIdentifier"))
 
     @app.route("/gateway/cf/admin/apikey", methods=["GET"])
     def apikeys(self, request: Any) -> bytes:
-        return self._admin(request, "apikey", "apiKeys", lambda env: [
-            {"apiKey": "****", "identifier": f"k{i}", "key": h, "name": f"k{i}", "type": "server"}
-            for i, h in enumerate([hashlib.sha256(k.encode()).hexdigest() for k in env.keys] + env.extra_key_hashes)])
+        return self._admin(request, "apikey", "apiKeys", self._key_objects)
 
     @app.route("/gateway/cf/admin/targets", methods=["GET"])
     def targets(self, request: Any) -> bytes:
