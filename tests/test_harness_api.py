@@ -551,3 +551,26 @@ def test_secret_is_configured_or_random_per_process() -> None:
     assert tokens.make_secret("configured") == b"configured"
     a, b = tokens.make_secret(""), tokens.make_secret("")
     assert a != b and len(a) == 64
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("body, code", [
+    (DEEP, 400),                          # nesting past the JSON decoder's recursion limit
+    (b'{"apiKey":"\\ud800"}', 401),      # a lone surrogate cannot be any configured key
+])
+def test_auth_hostile_bodies_are_client_errors(relay: Relay, body: bytes, code: int) -> None:
+    got_code, got = relay.json("POST", f"{BASE}/client/auth", body)
+    assert got_code == code and isinstance(got["error"], str)
+
+
+def test_metrics_and_target_header_refuse_deep_nesting(relay: Relay) -> None:
+    token = relay.token()
+    code, got = relay.json("POST", f"{BASE}/metrics/{HARNESS_ENV}", DEEP, token=token)
+    assert code == 400 and isinstance(got["error"], str)
+    header = base64.b64encode(b"[" * 4000 + b"]" * 4000).decode()  # within the 16 KiB header limit
+    assert relay.json("GET", f"{EP}/target/alice/evaluations", token=token, headers={"Harness-Target": header}) \
+        == (400, {"error": "bad request: Harness-Target header is invalid"})

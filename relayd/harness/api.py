@@ -81,6 +81,15 @@ def _query(request: IRequest) -> dict[str, str]:
     return out
 
 
+def _loads(raw: bytes) -> Any:
+    """JSON from a client; ValueError (for a 400) for anything undecodable, including nesting deeper than the
+    decoder's recursion limit, which would otherwise escape as a RecursionError and answer 500."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _valid_name(name: str) -> bool:
     """``^[\\p{L}\\d .@_-]*$`` of the v2 relay (Go's ``\\d`` is ASCII)."""
     return all(c.isalpha() or c in "0123456789 .@_-" for c in name)
@@ -241,8 +250,8 @@ class HarnessAPI:
         if not raw.strip():
             raise _fail(400, {"error": "bad request: request body cannot be empty"})
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+            body = _loads(raw)
+        except ValueError as e:
             raise _fail(400, {"error": f"bad request: {e}"}) from None
         if not isinstance(body, dict):
             raise _fail(400, {"error": "bad request: request body must be a JSON object"})
@@ -332,8 +341,8 @@ class HarnessAPI:
         header = request.getHeader(b"harness-target")
         if header is not None:
             try:
-                return Target.from_json(json.loads(base64.b64decode(header, validate=True).decode("utf-8")))
-            except (ValueError, binascii.Error, UnicodeDecodeError):
+                return Target.from_json(_loads(base64.b64decode(header, validate=True)))
+            except (ValueError, binascii.Error):
                 raise _fail(400, {"error": "bad request: Harness-Target header is invalid"}) from None
         cache = self._targets.get(env.id)
         if cache is not None and identifier in cache:
@@ -400,7 +409,7 @@ class HarnessAPI:
         if not raw.strip():
             raise _fail(400, {"error": "bad request: request body cannot be empty"})
         try:
-            self.metrics.add(env_id, json.loads(raw))
-        except (ValueError, UnicodeDecodeError) as e:
+            self.metrics.add(env_id, _loads(raw))
+        except ValueError as e:
             raise _fail(400, {"error": f"bad request: {e}"}) from None
         return _ok(request, b"null\n")

@@ -38,8 +38,9 @@ class Claims:
 
 
 def key_hash(api_key: str) -> str:
-    """The lowercase SHA-256 hex of an SDK key: how keys are stored and compared, never in clear."""
-    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+    """The lowercase SHA-256 hex of an SDK key: how keys are stored and compared, never in clear. A lone surrogate
+    (legal in JSON, not in UTF-8) is hashed as its surrogatepass bytes: it matches no key instead of raising."""
+    return hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def make_secret(configured: str) -> bytes:
