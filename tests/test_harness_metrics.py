@@ -60,3 +60,21 @@ def test_malformed_bodies_are_refused_whole(bad: object) -> None:
     with pytest.raises(ValueError):
         buf.add("e", bad)
     assert buf.environments() == []
+
+
+@pytest.mark.parametrize("bad", [{"metricsData": [{"count": 2**63}]},
+                                 {"metricsData": [{"count": 1, "timestamp": 2**63}]},
+                                 {"metricsData": [{"count": 1, "timestamp": -(2**63) - 1}]}])
+def test_counts_and_timestamps_beyond_int64_are_refused(bad: object) -> None:
+    # The SaaS decodes them into Go int64: a body holding one would be refused on every post, forever.
+    buf = MetricsBuffer()
+    with pytest.raises(ValueError):
+        buf.add("e", bad)
+    assert buf.environments() == []
+
+
+def test_merged_counts_stay_within_int64() -> None:
+    buf = MetricsBuffer()
+    buf.add("e", post("f", "true", 2**63 - 1))
+    buf.add("e", post("f", "true", 5))
+    assert counts(buf.take("e")) == {("f", "true"): 2**63 - 1}

@@ -16,6 +16,7 @@ from relayd.logs import Logger
 log = Logger()
 
 MetricKey = tuple[str, tuple[tuple[str, str], ...]]
+INT64_MAX = 2**63 - 1  # the SaaS decodes counts and timestamps into Go int64: a larger one fails every post
 
 
 def _attributes(obj: Any, where: str) -> tuple[tuple[str, str], ...]:
@@ -61,9 +62,9 @@ class MetricsBuffer:
             if not isinstance(m, dict):
                 raise ValueError(f"{where} must be an object")
             count, ts = m.get("count", 0), m.get("timestamp", 0)
-            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= INT64_MAX:
                 raise ValueError(f"{where}.count must be a non-negative integer")
-            if not isinstance(ts, int) or isinstance(ts, bool):
+            if not isinstance(ts, int) or isinstance(ts, bool) or not -INT64_MAX - 1 <= ts <= INT64_MAX:
                 raise ValueError(f"{where}.timestamp must be an integer (Unix ms)")
             mtype = m.get("metricsType", "FFMETRICS")
             if not isinstance(mtype, str):
@@ -95,7 +96,7 @@ class MetricsBuffer:
         for key, count, ts in counts:
             entry = env.counts.get(key)
             if entry is not None:
-                entry[0] += count
+                entry[0] = min(entry[0] + count, INT64_MAX)
                 entry[1] = max(entry[1], ts)
             elif len(env.counts) < self.max_entries:
                 env.counts[key] = [count, ts]
