@@ -399,9 +399,12 @@ def _redis_role(text: str) -> str:
 
 
 def _redis_url(text: str) -> str:
+    """Checked by the parser the Redis service uses (so --check catches what would stop the start), whose errors
+    never quote the URL: it may hold a password."""
+    from relayd.redisstore import parse_url as parse_redis_url
+
     url = text.strip()
-    if not re.match(r"^rediss?://", url):
-        raise ValueError(f"bad Redis URL {text!r}: redis://host:port/db or rediss:// for TLS")
+    parse_redis_url(url)
     return url
 
 

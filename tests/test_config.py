@@ -147,3 +147,13 @@ def test_normal_start_with_a_broken_file_fails_without_a_traceback(tmp_path: Pat
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
     assert "[relayd] bogus: unknown key" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("url", ["redis://:hunter2@10.0.0.5:notaport/0", "redis://:hunter2@10.0.0.5:6379/db0",
+                                 "redis//:hunter2@10.0.0.5:6379/0", "redis://:hunter2@/0"])
+def test_a_bad_redis_url_is_a_config_error_that_does_not_quote_the_password(url: str) -> None:
+    # --check must catch what would stop the daemon at start, and its one line must not print the password
+    text = f"[relayd]\nauth_secret = s\n[harness]\naccount=a\norg=o\nadmin_token=t\napi_keys=k\n[redis]\nurl = {url}\n"
+    with pytest.raises(ConfigError) as e:
+        loads(text)
+    assert e.value.section == "redis" and e.value.key == "url" and "hunter2" not in str(e.value)
