@@ -108,7 +108,7 @@ def redact_uri(uri: bytes) -> str:
 
 
 def obscure(key: str, keep: int = 5) -> str:
-    """A key as the vendors show it: a ``sdk-``/``mob-`` prefix kept, hex digits but the last ``keep`` starred."""
+    """A key as the vendors show it: a ``sdk-``/``mob-`` prefix kept, all but dashes and the last ``keep`` starred."""
     if not key:
         return ""
     prefix = ""
@@ -117,7 +117,7 @@ def obscure(key: str, keep: int = 5) -> str:
     if len(key) <= 4:
         return prefix + key
     head, tail = key[:-keep], key[-keep:]
-    return prefix + re.sub(r"[0-9a-fA-F]", "*", head) + tail
+    return prefix + re.sub(r"[^-]", "*", head) + tail  # dashes kept: a UUID key keeps its shape
 
 
 # ---------------------------------------------------------------------------------------------- request and site

@@ -173,3 +173,9 @@ def test_twistd_runs_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> N
     assert proc.returncode in (0, -signal.SIGINT), out
     assert "Server Shut Down." in out and "Traceback" not in out
     assert "SIGHUP: configuration" in out and "re-read" in out
+
+
+def test_obscure_hides_keys_that_are_not_hex() -> None:
+    # offline data and some vendors' keys are not UUIDs: every character but the last five is hidden
+    assert obscure("sdk-my-secret-production-key") == "sdk-**-******-*********n-key"
+    assert obscure("Zr8PqLmN2vXw") == "*******N2vXw"
