@@ -137,6 +137,8 @@ class OfflineSource(Service):
                 result[family] = reader(self.folder / family)
             except OfflineDataError as e:
                 result[family] = e
+            except Exception as e:  # a reader's bug must not cost the other families this tick's changes
+                result[family] = OfflineDataError(f"{self.folder / family}: {type(e).__name__}: {e}")
         return result
 
     def _apply(self, result: dict[str, Mapping[str, EnvData | OfflineDataError] | OfflineDataError] | None

@@ -182,3 +182,19 @@ def sleep(seconds: float) -> Deferred[None]:
     from twisted.internet.task import deferLater
 
     return deferLater(reactor, seconds, lambda: None)
+
+
+def test_a_non_utf8_file_is_logged_and_other_changes_of_the_tick_still_apply(offline_dir: Path) -> None:
+    source, store, clock = sync_source(offline_dir)
+    source.startService()
+    ld = store.environment("launchdarkly", LD_ENV_ID)
+    assert ld is not None
+    before = ld.revision
+    harness_flags_file(offline_dir).write_bytes(b"[\xff\xfe]")  # a bad file of one family ...
+    edit_json(offline_dir / "launchdarkly" / f"{LD_ENV_ID}-data.json",  # ... and a good edit of the other
+              lambda data: data["flags"]["dark-mode"].update(version=data["flags"]["dark-mode"]["version"] + 1,
+                                                             on=not data["flags"]["dark-mode"]["on"]))
+    clock.advance(1)
+    assert ld.revision > before
+    assert "dark_mode" in store.environment("harness", HARNESS_ENV).all("flags")  # last good data kept
+    source.stopService()

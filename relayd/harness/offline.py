@@ -26,6 +26,8 @@ def _read_list(path: Path, required: bool) -> list[Any]:
         return []
     except OSError as e:
         raise OfflineDataError(f"{path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise OfflineDataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
         value = json.loads(text) if text.strip() else None
     except ValueError as e:
