@@ -816,3 +816,22 @@ async def test_real_sdk_through_relayd_sees_changes_and_metrics_arrive_once(saas
         await top.stopService()
         abort_connections(top.site)
         await task.deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_with_an_expired_token_log_in_again_and_a_refused_body_is_dropped(saas, running):
+    buffer = MetricsBuffer()
+    r = running(metrics=buffer)
+    await r.source.ready
+    buffer.add(ENV, sdk_post("f0", 2))
+    saas.token_epoch += 1  # every token issued so far is now refused with 401
+    await r.upstream.forwarder.tick()
+    assert counts(saas) == {"f0": 2}  # re-authenticated once, then posted
+    # a body the SaaS refuses for good (4xx other than 401/408/429) is dropped, not retried on every tick
+    buffer.add(ENV, sdk_post("f1", 3))
+    saas.fail("metrics", 400)
+    await r.upstream.forwarder.tick()
+    assert buffer.environments() == [] and r.upstream.forwarder.dropped == 3
+    buffer.add(ENV, sdk_post("f2", 1))
+    await r.upstream.forwarder.tick()
+    assert counts(saas) == {"f0": 2, "f2": 1}

@@ -675,6 +675,7 @@ class MetricsForwarder(Service):
         self._targets: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
         self._loop: LoopingCall | None = None
         self.dropped_targets = 0
+        self.dropped = 0  # evaluations in bodies the SaaS refused for good
 
     def register_target(self, env_id: str, target: Mapping[str, Any]) -> None:
         """An SDK authenticated at relayd with this target: register it with the SaaS on the next tick
@@ -706,6 +707,19 @@ class MetricsForwarder(Service):
         d.addErrback(_log_errors("Harness metrics forwarding"))
         return d
 
+    async def _post_metrics(self, source: KeySource, env_id: str, body: dict[str, Any]) -> None:
+        """POST one body with the environment's SaaS token; a refused (expired) token is renewed once."""
+        for attempt in (1, 2):
+            url = f"{self.config.events_url}/metrics/{quote(env_id, safe='')}?cluster={source.fetch.cluster}"
+            try:
+                await self.client.call("POST", url, source.fetch.headers(), body)
+                return
+            except StreamError as e:
+                if e.status != 401 or attempt == 2:
+                    raise
+            log.info("SaaS token of environment {env} refused for metrics; authenticating again", env=env_id)
+            await source.fetch.authenticate()
+
     async def _tick(self) -> None:
         by_env = {s.fetch.env_id: s for s in self.sources().values() if s.fetch.token and not s.off}
         for env_id in self.buffer.environments():
@@ -715,13 +729,22 @@ class MetricsForwarder(Service):
             body = self.buffer.take(env_id)
             if body is None:
                 continue
-            url = f"{self.config.events_url}/metrics/{quote(env_id, safe='')}?cluster={source.fetch.cluster}"
             try:
-                await self.client.call("POST", url, source.fetch.headers(), body)
-            except Exception as e:  # noqa: BLE001 - any failure: put it back for the next tick
+                await self._post_metrics(source, env_id, body)
+            except StreamError as e:
+                if e.status is not None and 400 <= e.status < 500 and e.status not in (401, 408, 429):
+                    # refused for good: retrying the same body would block this environment's metrics forever
+                    self.dropped += sum(m.get("count", 0) for m in body.get("metricsData", ()))
+                    log.error("the SaaS refused the metrics of environment {env} (HTTP {status}); dropped",
+                              env=env_id, status=e.status)
+                    continue
                 self.buffer.restore(env_id, body)
                 log.warn("posting metrics of environment {env} failed ({error}); retrying next time", env=env_id,
-                         error=getattr(e, "message", type(e).__name__))
+                         error=e.message or e.kind)
+            except Exception as e:  # noqa: BLE001 - network or timeout: put it back for the next tick
+                self.buffer.restore(env_id, body)
+                log.warn("posting metrics of environment {env} failed ({error}); retrying next time", env=env_id,
+                         error=str(e) or type(e).__name__)
         for key, target in list(self._targets.items()):
             env_id = key[0]
             source = by_env.get(env_id)
