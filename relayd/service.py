@@ -116,7 +116,8 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     harness = HarnessAPI(store, hub, reactor, make_secret(config.relayd.auth_secret), metrics=harness_metrics,
                          on_target=None if harness_upstream is None else
                          lambda env_id, target: harness_upstream.register_target(env_id, target_json(target)),
-                         prometheus_text=admin.prometheus_text)
+                         prometheus_text=admin.prometheus_text,
+                         ready=harness_upstream.ready if harness_upstream is not None else lambda: True)
     site = RelaydSite(build_router([(health.segments, health.resource()),
                                     (launchdarkly.segments, launchdarkly.resource()),
                                     (harness.segments, harness.resource())]),
@@ -142,9 +143,13 @@ def make_service(config: Config, reactor: Any) -> Relayd:
                                 reactor).setServiceParent(top)
     if config.relayd.offline_dir is not None:
         log.info("offline mode: serving {folder}", folder=str(config.relayd.offline_dir))
-        OfflineSource(store, config.relayd.offline_dir,
-                      {"harness": harness_offline.read, "launchdarkly": ld_offline.read},
-                      reactor, interval=config.relayd.offline_poll).setServiceParent(top)
+        offline = OfflineSource(store, config.relayd.offline_dir,
+                                {"harness": harness_offline.read, "launchdarkly": ld_offline.read},
+                                reactor, interval=config.relayd.offline_poll)
+        # Read once now, before anything listens: an SDK connecting in the first instant must find its key
+        # (Harness SDKs give up for good on a 401). Later reads happen off the reactor.
+        offline.load_now()
+        offline.setServiceParent(top)
     if harness_upstream is not None:
         harness_upstream.setServiceParent(top)
     for stream in ld_streams:

@@ -574,3 +574,24 @@ def test_metrics_and_target_header_refuse_deep_nesting(relay: Relay) -> None:
     header = base64.b64encode(b"[" * 4000 + b"]" * 4000).decode()  # within the 16 KiB header limit
     assert relay.json("GET", f"{EP}/target/alice/evaluations", token=token, headers={"Harness-Target": header}) \
         == (400, {"error": "bad request: Harness-Target header is invalid"})
+
+
+def test_unknown_key_gets_503_while_the_first_upstream_sync_runs() -> None:
+    """A Harness SDK gives up for good on a 401 but retries a 503: until the SaaS has listed the keys, an unknown
+    key may just not be known yet."""
+    clock = Clock()
+    store = Store(clock)
+    ready = [False]
+    api = HarnessAPI(store, SSEHub(clock), clock, b"secret", ready=lambda: ready[0])
+    stub = StubTreq(api.resource())
+
+    def auth() -> int:
+        out: list[int] = []
+        stub.post("http://relay/client/auth", data=b'{"apiKey": "not-listed-yet"}').addCallback(
+            lambda r: out.append(r.code))
+        stub.flush()
+        return out[0]
+
+    assert auth() == 503
+    ready[0] = True
+    assert auth() == 401

@@ -17,6 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from relayd.launchdarkly import offline as ld_offline
@@ -66,12 +67,23 @@ def relayd(offline_dir: Path) -> Generator[tuple[str, Path, Sink], None, None]:
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     hub.startService()
     source.startService()
+    # the folder is read in a thread: an SDK that asked before it was loaded would get 401 and give up
+    pytest_twisted.blockon(Deferred.fromCoroutine(_until_loaded(store)))
     yield f"http://127.0.0.1:{port.getHost().port}", offline_dir, sink
     source.stopService()
     pytest_twisted.blockon(hub.stopService())
     pytest_twisted.blockon(port.stopListening())
     abort_connections(site)
     api.streams.stop()
+
+
+async def _until_loaded(store: Store) -> None:
+    for _ in range(200):
+        env = store.environment("launchdarkly", LD_ENV_ID)
+        if env is not None and env.initialized:
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError("the offline folder was not loaded")
 
 
 def evalx(base: str, ctx: dict) -> dict:

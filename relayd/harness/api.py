@@ -138,7 +138,9 @@ class HarnessAPI:
     def __init__(self, store: Store, hub: SSEHub, clock: IReactorTime, secret: bytes,
                  metrics: MetricsBuffer | None = None, target_cache_size: int = 10_000,
                  on_target: Callable[[str, Target], None] | None = None,
-                 prometheus_text: Callable[[], bytes] | None = None) -> None:
+                 prometheus_text: Callable[[], bytes] | None = None,
+                 ready: Callable[[], bool] = lambda: True) -> None:
+        self.ready = ready  # False until the upstream's first sync: unknown keys then get 503, not 401
         self.on_target = on_target  # told of every target an SDK authenticates with (forwarded to the SaaS)
         self.prometheus_text = prometheus_text  # GET /metrics
         self.store = store
@@ -262,6 +264,10 @@ class HarnessAPI:
         hashed = tokens.key_hash(api_key)
         env = self.environment_for_key(hashed)
         if env is None:
+            if not self.ready():
+                # The first sync with the SaaS is still running: this key may be one it has not listed yet.
+                # A 401 would make the SDK give up for good; a 503 makes it retry.
+                raise _fail(503, {"error": "relay is starting: environments are still being loaded"})
             raise _fail(401, {"error": "unauthorised"})
         if target is not None and target.identifier:
             self.remember_target(env.id, target)

@@ -560,6 +560,8 @@ class KeySource(Service):
 
     def _reauth_retry(self, failure: Any) -> None:
         """Re-auth after a stream 401 failed for a transient reason: try the stream again later."""
+        if not self.running:  # stopped meanwhile (stopService cancelled the re-auth): schedule nothing
+            return
         log.warn("re-authentication failed: {error}", error=getattr(failure.value, "message", str(failure.value)))
         self._reauth_tried = False
         delay = backoff_delay(self._initial_delay, 0, self._max_delay, self._random())
@@ -799,6 +801,10 @@ class HarnessUpstream(MultiService):
         if config.metric_post > 0:
             self.forwarder = MetricsForwarder(config, self.metrics, lambda: self.sources, self.client, self.clock)
             self.forwarder.setServiceParent(self)
+
+    def ready(self) -> bool:
+        """Whether every configured key finished its first sync (or was turned off)."""
+        return all(source.ready.called for source in self.sources.values())
 
     def register_target(self, env_id: str, target: Mapping[str, Any]) -> None:
         """Hook for the SDK API: a target an SDK authenticated with (no-op when forwarding is off)."""
