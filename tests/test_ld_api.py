@@ -644,3 +644,51 @@ def test_a_key_changed_in_the_offline_folder_is_honoured_at_once(tmp_path: Path)
     clock.advance(1)
     assert code("sdk-rotated-1") == 200 and code(LD_SDK_KEY) == 401
     source.stopService()
+
+
+def test_client_stream_change_re_evaluates_only_the_flags_it_can_affect(relay: Relay, monkeypatch: Any) -> None:
+    """A patch costs O(contexts x affected flags), not O(contexts x all flags): with many client streams a
+    full re-evaluation per change blocks the reactor for seconds."""
+    from relayd.launchdarkly import evaluate as ld_evaluate
+    from relayd.launchdarkly.contexts import parse_context
+    from relayd.launchdarkly.streams import client_entries
+
+    seen: list[str] = []
+    real = ld_evaluate.evaluate
+
+    def counting(flag: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(flag["key"])
+        return real(flag, *args, **kwargs)
+
+    monkeypatch.setattr(ld_evaluate, "evaluate", counting)
+    carol = {"kind": "user", "key": "carol"}
+    s = relay.stream("GET", f"/eval/{LD_ENV_ID}/{b64(carol)}")
+    s.take()
+    topic = relay.api.streams.client_topic(relay.env.id, parse_context(carol), False, "js")
+    assert topic is not None
+
+    def evaluated_after(change: Any) -> set[str]:
+        seen.clear()
+        change()
+        relay.flush()
+        evaluated = set(seen)
+        assert topic.entries == client_entries(relay.env, topic.context, False, "js")  # same as a full pass
+        return evaluated
+
+    assert evaluated_after(lambda: relay.patch_flag("checkout-v2", on=False)) == {"checkout-v2"}
+    # banner-text has dark-mode as a prerequisite.
+    assert evaluated_after(lambda: relay.patch_flag("dark-mode", on=False)) == {"dark-mode", "banner-text"}
+    # theme-config matches the beta-testers segment; make that segment depend on another one.
+    seg = dict(relay.env.get("segments", "beta-testers"), version=2,
+               rules=[{"id": "in-inner", "clauses": [{"attribute": "key", "op": "segmentMatch",
+                                                      "values": ["inner"]}]}])
+    assert evaluated_after(lambda: relay.env.upsert("segments", "beta-testers", 2, seg)) == {"theme-config"}
+    s.take()
+    inner = {"key": "inner", "version": 1, "included": ["carol"], "salt": "x"}
+    assert evaluated_after(lambda: relay.env.upsert("segments", "inner", 1, inner)) == {"theme-config"}
+    assert s.take() == [("patch", {"key": "theme-config", "value": {"color": "black", "contrast": 2},
+                                   "variation": 1, "version": relay.env.item("flags", "theme-config").version,
+                                   "flagVersion": relay.env.item("flags", "theme-config").version})]
+    new_flag = dict(relay.env.get("flags", "checkout-v2"), key="brand-new", version=1)
+    assert evaluated_after(lambda: relay.env.upsert("flags", "brand-new", 1, new_flag)) == {"brand-new"}
+    assert evaluated_after(lambda: relay.env.delete("flags", "dark-mode", 50)) == {"banner-text"}
