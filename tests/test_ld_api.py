@@ -231,6 +231,18 @@ def test_bad_contexts_answer_400(relay: Relay) -> None:
         400, {"message": "User must have a 'key' attribute"})
 
 
+def test_deeply_nested_json_is_a_400_not_an_internal_error(relay: Relay) -> None:
+    """json.loads raises RecursionError (not ValueError) past ~1000 levels: a bad request, not a 500."""
+    nested = b"[" * 5000 + b"]" * 5000
+    in_path = base64.urlsafe_b64encode(nested).decode()
+    assert relay.json("GET", f"/sdk/evalx/contexts/{in_path}", SDK) == (
+        400, {"message": "context part of URL path did not decode to valid evaluation context as JSON"})
+    code, body = relay.json("REPORT", "/sdk/evalx/context", SDK, body=nested)
+    assert code == 400 and body["message"]
+    code, headers, gif = relay.call("GET", f"/a/{LD_ENV_ID}.gif?d={base64.b64encode(nested).decode()}")
+    assert code == 200 and gif.startswith(b"GIF89a") and relay.sink.got == []
+
+
 def test_report_needs_exactly_application_json(relay: Relay) -> None:
     for ct in ("application/json; charset=utf-8", "text/plain"):
         assert relay.json("REPORT", "/sdk/evalx/context", SDK, body=ALICE, content_type=ct) == (

@@ -274,6 +274,13 @@ def test_bad_payloads_are_dropped_without_raising():
     fwd.accept(rig.env, "/bulk", b"{not json", {})
     fwd.accept(rig.env, "/bulk", b'"a string"', {})
     fwd.accept(rig.env, "/bulk", b"[]", {})
+    failures: list[dict] = []
+    globalLogPublisher.addObserver(failures.append)
+    try:
+        fwd.accept(rig.env, "/bulk", b"[" * 5000 + b"]" * 5000, {})  # deeper than json can go
+    finally:
+        globalLogPublisher.removeObserver(failures.append)
+    assert not [e for e in failures if e.get("log_failure") is not None]  # a warning, not a traceback
     assert fwd.queued == 0
     fwd.accept(rig.env, "/bulk", b'{"kind":"custom","key":"single"}', {})  # one object: wrapped
     assert fwd.queued == 1

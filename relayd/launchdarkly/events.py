@@ -156,7 +156,7 @@ class EventForwarder(Service):
             return
         try:
             events = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting too deep for json
             log.warn("dropping an event payload for {path} that is not valid JSON", path=path)  # noqa: G010
             return
         if isinstance(events, dict):
