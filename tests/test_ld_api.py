@@ -704,3 +704,21 @@ def test_client_stream_change_re_evaluates_only_the_flags_it_can_affect(relay: R
     new_flag = dict(relay.env.get("flags", "checkout-v2"), key="brand-new", version=1)
     assert evaluated_after(lambda: relay.env.upsert("flags", "brand-new", 1, new_flag)) == {"brand-new"}
     assert evaluated_after(lambda: relay.env.delete("flags", "dark-mode", 50)) == {"banner-text"}
+
+
+def test_stream_logs_do_not_carry_context_attributes(relay: Relay) -> None:
+    """Client stream topics appear in the hub's log lines (e.g. dropping a slow stream): a context's attributes,
+    private ones included, must not end up in relayd's log."""
+    from twisted.logger import globalLogPublisher, formatEvent
+
+    secret = {"kind": "user", "key": "k", "email": "dana@example.com", "_meta": {"privateAttributes": ["email"]}}
+    relay.stream("GET", f"/meval/{b64(secret)}", MOB)
+    logged: list[str] = []
+    observer = lambda e: logged.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        for sub in list(relay.hub.all_subscribers()):
+            relay.hub.drop(sub, "test")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert logged and not [line for line in logged if "dana@example.com" in line]

@@ -9,6 +9,7 @@ with ``client_stream = ping`` (and ``/ping``, ``/mping``) get ld-relay's ping-on
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
@@ -60,6 +61,13 @@ def flags_put_frame(env: Environment) -> bytes:
 def context_json(context: Context) -> str:
     """A context's canonical JSON: equal contexts (whatever their attribute order) share one topic."""
     return json.dumps(context.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _topic(env_id: str, context: Context, with_reasons: bool, client_kind: str) -> tuple[Any, ...]:
+    """A client stream's hub topic. Topics show in the hub's log lines, so the context is in it only as a
+    digest of its canonical JSON: its attributes (private ones too) never reach the log."""
+    digest = hashlib.sha256(context_json(context).encode("utf-8")).hexdigest()
+    return ("ld-eval", env_id, digest, with_reasons, client_kind)
 
 
 def _signature(entry: dict[str, Any]) -> dict[str, Any]:
@@ -127,7 +135,7 @@ class Streams:
         """An evaluated client-side stream (or a ping stream if the environment asks for ping)."""
         if env.meta.get("client_stream") == "ping":
             return self.ping(request, env)
-        topic = ("ld-eval", env.id, context_json(context), with_reasons, client_kind)
+        topic = _topic(env.id, context, with_reasons, client_kind)
         topics = self._client_topics.setdefault(env.id, {})
         state = topics.get(topic)
         if state is None:
@@ -141,7 +149,7 @@ class Streams:
 
     def client_topic(self, env_id: str, context: Context, with_reasons: bool, client_kind: str
                      ) -> ClientTopic | None:
-        topic = ("ld-eval", env_id, context_json(context), with_reasons, client_kind)
+        topic = _topic(env_id, context, with_reasons, client_kind)
         return self._client_topics.get(env_id, {}).get(topic)
 
     def _closed(self, sub: Subscriber) -> None:
