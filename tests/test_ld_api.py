@@ -231,6 +231,18 @@ def test_bad_contexts_answer_400(relay: Relay) -> None:
         400, {"message": "User must have a 'key' attribute"})
 
 
+def test_deeply_nested_json_is_a_400_not_an_internal_error(relay: Relay) -> None:
+    """json.loads raises RecursionError (not ValueError) past ~1000 levels: a bad request, not a 500."""
+    nested = b"[" * 5000 + b"]" * 5000
+    in_path = base64.urlsafe_b64encode(nested).decode()
+    assert relay.json("GET", f"/sdk/evalx/contexts/{in_path}", SDK) == (
+        400, {"message": "context part of URL path did not decode to valid evaluation context as JSON"})
+    code, body = relay.json("REPORT", "/sdk/evalx/context", SDK, body=nested)
+    assert code == 400 and body["message"]
+    code, headers, gif = relay.call("GET", f"/a/{LD_ENV_ID}.gif?d={base64.b64encode(nested).decode()}")
+    assert code == 200 and gif.startswith(b"GIF89a") and relay.sink.got == []
+
+
 def test_report_needs_exactly_application_json(relay: Relay) -> None:
     for ct in ("application/json; charset=utf-8", "text/plain"):
         assert relay.json("REPORT", "/sdk/evalx/context", SDK, body=ALICE, content_type=ct) == (
@@ -644,3 +656,69 @@ def test_a_key_changed_in_the_offline_folder_is_honoured_at_once(tmp_path: Path)
     clock.advance(1)
     assert code("sdk-rotated-1") == 200 and code(LD_SDK_KEY) == 401
     source.stopService()
+
+
+def test_client_stream_change_re_evaluates_only_the_flags_it_can_affect(relay: Relay, monkeypatch: Any) -> None:
+    """A patch costs O(contexts x affected flags), not O(contexts x all flags): with many client streams a
+    full re-evaluation per change blocks the reactor for seconds."""
+    from relayd.launchdarkly import evaluate as ld_evaluate
+    from relayd.launchdarkly.contexts import parse_context
+    from relayd.launchdarkly.streams import client_entries
+
+    seen: list[str] = []
+    real = ld_evaluate.evaluate
+
+    def counting(flag: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(flag["key"])
+        return real(flag, *args, **kwargs)
+
+    monkeypatch.setattr(ld_evaluate, "evaluate", counting)
+    carol = {"kind": "user", "key": "carol"}
+    s = relay.stream("GET", f"/eval/{LD_ENV_ID}/{b64(carol)}")
+    s.take()
+    topic = relay.api.streams.client_topic(relay.env.id, parse_context(carol), False, "js")
+    assert topic is not None
+
+    def evaluated_after(change: Any) -> set[str]:
+        seen.clear()
+        change()
+        relay.flush()
+        evaluated = set(seen)
+        assert topic.entries == client_entries(relay.env, topic.context, False, "js")  # same as a full pass
+        return evaluated
+
+    assert evaluated_after(lambda: relay.patch_flag("checkout-v2", on=False)) == {"checkout-v2"}
+    # banner-text has dark-mode as a prerequisite.
+    assert evaluated_after(lambda: relay.patch_flag("dark-mode", on=False)) == {"dark-mode", "banner-text"}
+    # theme-config matches the beta-testers segment; make that segment depend on another one.
+    seg = dict(relay.env.get("segments", "beta-testers"), version=2,
+               rules=[{"id": "in-inner", "clauses": [{"attribute": "key", "op": "segmentMatch",
+                                                      "values": ["inner"]}]}])
+    assert evaluated_after(lambda: relay.env.upsert("segments", "beta-testers", 2, seg)) == {"theme-config"}
+    s.take()
+    inner = {"key": "inner", "version": 1, "included": ["carol"], "salt": "x"}
+    assert evaluated_after(lambda: relay.env.upsert("segments", "inner", 1, inner)) == {"theme-config"}
+    assert s.take() == [("patch", {"key": "theme-config", "value": {"color": "black", "contrast": 2},
+                                   "variation": 1, "version": relay.env.item("flags", "theme-config").version,
+                                   "flagVersion": relay.env.item("flags", "theme-config").version})]
+    new_flag = dict(relay.env.get("flags", "checkout-v2"), key="brand-new", version=1)
+    assert evaluated_after(lambda: relay.env.upsert("flags", "brand-new", 1, new_flag)) == {"brand-new"}
+    assert evaluated_after(lambda: relay.env.delete("flags", "dark-mode", 50)) == {"banner-text"}
+
+
+def test_stream_logs_do_not_carry_context_attributes(relay: Relay) -> None:
+    """Client stream topics appear in the hub's log lines (e.g. dropping a slow stream): a context's attributes,
+    private ones included, must not end up in relayd's log."""
+    from twisted.logger import globalLogPublisher, formatEvent
+
+    secret = {"kind": "user", "key": "k", "email": "dana@example.com", "_meta": {"privateAttributes": ["email"]}}
+    relay.stream("GET", f"/meval/{b64(secret)}", MOB)
+    logged: list[str] = []
+    observer = lambda e: logged.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        for sub in list(relay.hub.all_subscribers()):
+            relay.hub.drop(sub, "test")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert logged and not [line for line in logged if "dana@example.com" in line]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import globalLogPublisher
 
@@ -274,6 +274,13 @@ def test_bad_payloads_are_dropped_without_raising():
     fwd.accept(rig.env, "/bulk", b"{not json", {})
     fwd.accept(rig.env, "/bulk", b'"a string"', {})
     fwd.accept(rig.env, "/bulk", b"[]", {})
+    failures: list[dict] = []
+    globalLogPublisher.addObserver(failures.append)
+    try:
+        fwd.accept(rig.env, "/bulk", b"[" * 5000 + b"]" * 5000, {})  # deeper than json can go
+    finally:
+        globalLogPublisher.removeObserver(failures.append)
+    assert not [e for e in failures if e.get("log_failure") is not None]  # a warning, not a traceback
     assert fwd.queued == 0
     fwd.accept(rig.env, "/bulk", b'{"kind":"custom","key":"single"}', {})  # one object: wrapped
     assert fwd.queued == 1
@@ -289,3 +296,38 @@ async def test_stop_service_flushes_and_stops_timer(double: LDUpstreamDouble):
     assert rig.clock.getDelayedCalls() == []
     if rig.pool is not None:
         await rig.pool.closeCachedConnections()
+
+
+def test_a_response_body_that_never_ends_does_not_hold_the_post_or_shutdown():
+    """The request timeout covers the response body too: an events service (or a proxy) that sends headers and
+    then stalls must not keep the payload in flight forever, nor hang stopService."""
+    aborted: list[bool] = []
+
+    class StalledTransport:
+        def stopProducing(self) -> None:
+            aborted.append(True)
+
+    class StalledResponse:
+        code = 202
+        length = 10
+
+        def deliverBody(self, protocol: Any) -> None:
+            protocol.makeConnection(StalledTransport())  # headers came; the body never does
+
+    class Stalling:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def post(self, url: str, data: bytes, headers: dict) -> Deferred[Any]:
+            self.calls += 1
+            return succeed(StalledResponse())
+
+    http = Stalling()
+    rig = Rig(None, http=http)
+    rig.forwarder.startService()
+    rig.forwarder.accept(rig.env, "/bulk", payload(ev(1)), {})
+    stopped = rig.forwarder.stopService()
+    assert not stopped.called
+    rig.clock.advance(30.0)  # request_timeout
+    assert stopped.called and aborted == [True]
+    assert http.calls == 1 and rig.forwarder.failed == 1

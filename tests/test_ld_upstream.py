@@ -387,3 +387,61 @@ async def test_goals_are_proxied_cached_and_served_stale_when_unreachable(double
     assert code == 200 and json.loads(body) == double.goals
     assert (await proxy.fetch("never-seen"))[0] == 503
     await pool.closeCachedConnections()
+
+
+class _PendingGoals:
+    """An upstream whose answers the test releases by hand."""
+
+    def __init__(self) -> None:
+        self.requests: list[Deferred[Any]] = []
+
+    def get(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.requests.append(d)
+        return d
+
+
+class _Answer:
+    def __init__(self, code: int, body: Deferred[bytes]) -> None:
+        self.code = code
+        self._body = body
+
+    def content(self) -> Deferred[bytes]:
+        return self._body
+
+
+def test_goals_page_load_herd_makes_one_upstream_request() -> None:
+    from relayd.launchdarkly.upstream import GoalsProxy
+
+    http = _PendingGoals()
+    proxy = GoalsProxy("http://vendor", clock=task.Clock(), http=http)
+    answers = [Deferred.fromCoroutine(proxy.fetch("env1")) for _ in range(50)]
+    assert len(http.requests) == 1  # not one vendor request per waiting browser
+    assert not any(a.called for a in answers)
+    http.requests[0].callback(_Answer(200, Deferred.fromCoroutine(_later(b"[]"))))
+    got: list[Any] = []
+    for a in answers:
+        a.addCallback(got.append)
+    assert got == [(200, b"[]")] * 50
+    Deferred.fromCoroutine(proxy.fetch("env1")).addCallback(got.append)
+    assert len(http.requests) == 1 and got[-1] == (200, b"[]")  # then cached
+
+
+async def _later(value: Any) -> Any:
+    return value
+
+
+def test_goals_body_that_never_ends_times_out_on_the_clock() -> None:
+    from relayd.launchdarkly.upstream import GoalsProxy
+
+    clock = task.Clock()
+    http = _PendingGoals()
+    proxy = GoalsProxy("http://vendor", clock=clock, http=http, timeout=10)
+    answer = Deferred.fromCoroutine(proxy.fetch("env1"))
+    http.requests[0].callback(_Answer(200, Deferred()))  # headers, then a stalled body
+    clock.advance(10)
+    got: list[Any] = []
+    answer.addCallback(got.append)
+    assert got and got[0][0] == 503
+    Deferred.fromCoroutine(proxy.fetch("env1"))
+    assert len(http.requests) == 2  # the next request tries again

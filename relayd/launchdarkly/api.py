@@ -133,7 +133,7 @@ def decode_path_context(segment: str) -> Context:
         return parse_context(json.loads(decoded))
     except ContextError as e:
         raise HTTPError(400, {"message": EMPTY_KEY if str(e) == EMPTY_KEY else BAD_PATH_CONTEXT}) from None
-    except ValueError:
+    except (ValueError, RecursionError):  # json.loads raises RecursionError on very deep nesting
         raise HTTPError(400, {"message": BAD_PATH_CONTEXT}) from None
 
 
@@ -147,6 +147,8 @@ def body_context(request: IRequest) -> Context:
         raise HTTPError(400, {"message": str(e)}) from None
     except ValueError as e:
         raise HTTPError(400, {"message": f"invalid JSON: {e}"}) from None
+    except RecursionError:
+        raise HTTPError(400, {"message": "invalid JSON: nested too deeply"}) from None
 
 
 def header(request: IRequest, name: str) -> str | None:
@@ -548,7 +550,7 @@ class LaunchDarklyAPI:
                 body = base64.b64decode(data + "=" * (-len(data) % 4), altchars=b"-_" if "-" in data or "_" in data
                                         else None)
                 json.loads(body)
-            except (binascii.Error, ValueError):
+            except (binascii.Error, ValueError, RecursionError):
                 body = b""
             if body and self.events.enabled(env):
                 self._accept(request, env, f"/events/bulk/{env_id}", body, {"X-LaunchDarkly-Event-Schema": "3"})

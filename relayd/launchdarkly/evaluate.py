@@ -18,7 +18,7 @@ import re
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from relayd import regex
 from relayd.launchdarkly.contexts import DEFAULT_KIND, Context, secure_mode_hash
@@ -691,11 +691,12 @@ def evalx_entry(flag: Mapping[str, Any], detail: Detail, with_reasons: bool) -> 
 
 def evaluate_all(context: Context, flags: Mapping[str, Any], segments: Mapping[str, Any], *,
                  with_reasons: bool = False, client_side: str | None = None,
-                 big_segments: BigSegmentsProvider | None = None) -> dict:
+                 big_segments: BigSegmentsProvider | None = None, keys: Iterable[str] | None = None) -> dict:
     """evalx body: every non-deleted flag keyed by key. ``client_side`` None = server (all flags),
-    ``"mobile"``/``"js"`` = only flags available to that SDK type (``model.client_side_available``)."""
+    ``"mobile"``/``"js"`` = only flags available to that SDK type (``model.client_side_available``).
+    ``keys`` limits the result to those flags (an incremental update after a change)."""
     out: dict = {}
-    for key, flag in flags.items():
+    for key, flag in (flags.items() if keys is None else ((k, flags[k]) for k in keys if k in flags)):
         if is_deleted(flag):
             continue
         if client_side is not None and not client_side_available(flag, client_side):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-import treq
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol as _BodyProtocol
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.python.failure import Failure
 
 from relayd.config import LaunchDarklyConfig
 from relayd.httpclient import http_client
@@ -155,7 +156,7 @@ class EventForwarder(Service):
             return
         try:
             events = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting too deep for json
             log.warn("dropping an event payload for {path} that is not valid JSON", path=path)  # noqa: G010
             return
         if isinstance(events, dict):
@@ -268,18 +269,21 @@ class EventForwarder(Service):
             await deferLater(self._clock, self._retry_delay, lambda: None)
 
     async def _post_once(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[str, bool] | None:
-        """None on success, else (reason, recoverable)."""
+        """None on success, else (reason, recoverable). ``request_timeout`` covers the response body too."""
         try:
-            d = self._http.post(url, data=body, headers=headers)
+            d = Deferred.fromCoroutine(self._post_and_drain(url, body, headers))
             d.addTimeout(self._request_timeout, self._clock)
-            response = await d
-            code = response.code
-            await treq.content(response)  # read it so the connection can go back to the pool
+            code = await d
         except Exception as e:  # noqa: BLE001 (network failures of any shape are "recoverable")
             return f"{type(e).__name__}", True
         if 200 <= code < 300:
             return None
         return f"HTTP {code}", is_recoverable(code)
+
+    async def _post_and_drain(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        response = await self._http.post(url, data=body, headers=headers)
+        await _drain(response)  # read it so the connection can go back to the pool
+        return int(response.code)
 
     # -- service
 
@@ -306,6 +310,31 @@ class EventForwarder(Service):
             pool = self._pool
             d.addCallback(lambda _: pool.closeCachedConnections())
         return d.addCallback(lambda _: None)
+
+
+class _Drainer(_BodyProtocol):
+    """Reads and drops a response body; the connection is aborted if the wait is cancelled."""
+
+    def __init__(self) -> None:
+        self.done: Deferred[None] = Deferred(canceller=lambda _: self._abort())
+
+    def _abort(self) -> None:
+        if self.transport is not None:  # a TransportProxyProducer: stopProducing drops the connection
+            cast(IPushProducer, self.transport).stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.transport = None
+        if not self.done.called:
+            self.done.callback(None)
+
+
+def _drain(response: Any) -> Deferred[None]:
+    drainer = _Drainer()
+    response.deliverBody(drainer)
+    return drainer.done
 
 
 # Headers of an SDK's diagnostic post that are re-sent with it (ld-relay re-posts with the incoming headers).

@@ -22,6 +22,7 @@ __all__ = [
     "canonical_segment",
     "canonical_json",
     "client_side_available",
+    "flags_affected_by",
     "is_deleted",
     "version_of",
 ]
@@ -80,6 +81,50 @@ def client_side_available(flag: Mapping[str, Any], kind: str) -> bool:
             return as_bool(csa.get("usingEnvironmentId"))
         return as_bool(flag.get("clientSide"))
     raise ValueError(f"unknown client-side kind {kind!r}")
+
+
+def _segment_refs(clauses: Any) -> set[str]:
+    return {v for c in clauses if isinstance(c, dict) and c.get("op") == "segmentMatch"
+            for v in arr(c, "values") if isinstance(v, str)}
+
+
+def flags_affected_by(flags: Mapping[str, Any], segments: Mapping[str, Any], changed_flags: set[str],
+                      changed_segments: set[str]) -> set[str]:
+    """Keys of the flags whose evaluation can differ after the given flags and segments changed.
+
+    A changed flag, every flag reaching a changed segment through ``segmentMatch`` clauses (also via other
+    segments' rules), and every flag that has one of those as a prerequisite, transitively. References are read
+    from the current data only: an item whose own references changed is itself among the changed ones.
+    """
+    seg_users: dict[str, set[str]] = {}  # segment -> segments whose rules match on it
+    for key, seg in segments.items():
+        if isinstance(seg, dict):
+            for ref in _segment_refs(c for r in arr(seg, "rules") if isinstance(r, dict) for c in arr(r, "clauses")):
+                seg_users.setdefault(ref, set()).add(key)
+    reached, todo = set(changed_segments), list(changed_segments)
+    while todo:
+        for user in seg_users.get(todo.pop(), ()):
+            if user not in reached:
+                reached.add(user)
+                todo.append(user)
+    prereq_users: dict[str, set[str]] = {}  # flag -> flags that have it as a prerequisite
+    affected = set(changed_flags)
+    for key, flag in flags.items():
+        if not isinstance(flag, dict):
+            continue
+        for p in arr(flag, "prerequisites"):
+            if isinstance(p, dict):
+                prereq_users.setdefault(as_str(p.get("key")), set()).add(key)
+        if reached and not reached.isdisjoint(
+                _segment_refs(c for r in arr(flag, "rules") if isinstance(r, dict) for c in arr(r, "clauses"))):
+            affected.add(key)
+    todo = list(affected)
+    while todo:
+        for user in prereq_users.get(todo.pop(), ()):
+            if user not in affected:
+                affected.add(user)
+                todo.append(user)
+    return affected
 
 
 # -- canonical serialization -------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ with ``client_stream = ping`` (and ``/ping``, ``/mping``) get ld-relay's ping-on
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -19,7 +20,7 @@ from twisted.web.iweb import IRequest
 
 from relayd.launchdarkly.contexts import Context
 from relayd.launchdarkly.evaluate import evaluate_all
-from relayd.launchdarkly.model import canonical_flag, canonical_segment, is_deleted
+from relayd.launchdarkly.model import canonical_flag, canonical_segment, flags_affected_by, is_deleted
 from relayd.logs import Logger
 from relayd.sse import SSEHub, Subscriber, encode
 from relayd.store import Change, Environment, Store
@@ -62,16 +63,24 @@ def context_json(context: Context) -> str:
     return json.dumps(context.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _topic(env_id: str, context: Context, with_reasons: bool, client_kind: str) -> tuple[Any, ...]:
+    """A client stream's hub topic. Topics show in the hub's log lines, so the context is in it only as a
+    digest of its canonical JSON: its attributes (private ones too) never reach the log."""
+    digest = hashlib.sha256(context_json(context).encode("utf-8")).hexdigest()
+    return ("ld-eval", env_id, digest, with_reasons, client_kind)
+
+
 def _signature(entry: dict[str, Any]) -> dict[str, Any]:
     """What the client sees change: everything but the versions."""
     return {k: v for k, v in entry.items() if k not in ("version", "flagVersion")}
 
 
-def client_entries(env: Environment, context: Context, with_reasons: bool, client_kind: str
-                   ) -> dict[str, dict[str, Any]]:
-    """Evaluated flags as the vendor's client stream sends them: evalx entries plus ``flagVersion``."""
+def client_entries(env: Environment, context: Context, with_reasons: bool, client_kind: str,
+                   keys: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluated flags as the vendor's client stream sends them: evalx entries plus ``flagVersion``
+    (only the flags in ``keys`` when given)."""
     out = evaluate_all(context, live(env, "flags"), live(env, "segments"), with_reasons=with_reasons,
-                       client_side=client_kind)
+                       client_side=client_kind, keys=keys)
     for entry in out.values():
         entry["flagVersion"] = entry["version"]
     return out
@@ -126,7 +135,7 @@ class Streams:
         """An evaluated client-side stream (or a ping stream if the environment asks for ping)."""
         if env.meta.get("client_stream") == "ping":
             return self.ping(request, env)
-        topic = ("ld-eval", env.id, context_json(context), with_reasons, client_kind)
+        topic = _topic(env.id, context, with_reasons, client_kind)
         topics = self._client_topics.setdefault(env.id, {})
         state = topics.get(topic)
         if state is None:
@@ -140,7 +149,7 @@ class Streams:
 
     def client_topic(self, env_id: str, context: Context, with_reasons: bool, client_kind: str
                      ) -> ClientTopic | None:
-        topic = ("ld-eval", env_id, context_json(context), with_reasons, client_kind)
+        topic = _topic(env_id, context, with_reasons, client_kind)
         return self._client_topics.get(env_id, {}).get(topic)
 
     def _closed(self, sub: Subscriber) -> None:
@@ -152,14 +161,27 @@ class Streams:
                 if not topics:
                     del self._client_topics[env_id]
 
-    def _refresh(self, env: Environment, state: ClientTopic) -> None:
-        """Bring a topic's result up to the environment's revision (a no-op when it already is)."""
+    def _refresh(self, env: Environment, state: ClientTopic, affected: set[str] | None = None) -> set[str] | None:
+        """Bring a topic's result up to the environment's revision (a no-op when it already is).
+
+        ``affected``: the only flags the latest change can have altered; a topic that was current before that
+        change re-evaluates just those. Returns the keys whose entries may differ (None = any of them).
+        """
         if state.revision == env.revision and state.entries is not None:
-            return
-        state.entries = client_entries(env, state.context, state.with_reasons, state.client_kind)
+            return set()
+        if affected is not None and state.entries is not None and state.revision == env.revision - 1:
+            entries = {k: v for k, v in state.entries.items() if k not in affected}
+            entries.update(client_entries(env, state.context, state.with_reasons, state.client_kind,
+                                          sorted(affected)))
+            changed: set[str] | None = affected
+        else:
+            entries = client_entries(env, state.context, state.with_reasons, state.client_kind)
+            changed = None
+        state.entries = entries
         state.revision = env.revision
         state.put = None
         self.evaluations += 1
+        return changed
 
     @staticmethod
     def _put(state: ClientTopic) -> bytes:
@@ -183,7 +205,7 @@ class Streams:
             return
         self._server(change)
         self.hub.publish(("ld-ping", env.id), PING_FRAME)
-        self._clients(env)
+        self._clients(env, change)
 
     def _server(self, change: Change) -> None:
         env = change.env
@@ -214,14 +236,25 @@ class Streams:
                 self.hub.publish(("ld-flags", env.id), _frame("patch", {"path": f"/{item.key}",
                                                                         "data": canonical}))
 
-    def _clients(self, env: Environment) -> None:
-        """Re-evaluate each client topic of ``env`` once and send only what changed for that context."""
-        for topic, state in list(self._client_topics.get(env.id, {}).items()):
+    def _clients(self, env: Environment, change: Change) -> None:
+        """Re-evaluate each client topic of ``env`` once and send only what changed for that context.
+
+        Only the flags the change can affect are evaluated again (a patch with thousands of client streams
+        must not cost thousands of full evaluations on the reactor)."""
+        topics = self._client_topics.get(env.id)
+        if not topics:
+            return
+        affected: set[str] | None = None
+        if change.items and all(i.kind in ("flags", "segments") for i in change.items):
+            affected = flags_affected_by(live(env, "flags"), live(env, "segments"),
+                                         {i.key for i in change.items if i.kind == "flags"},
+                                         {i.key for i in change.items if i.kind == "segments"})
+        for topic, state in list(topics.items()):
             if self.hub.count(topic) == 0:
                 continue
             old = state.entries
             try:
-                self._refresh(env, state)
+                changed = self._refresh(env, state, affected)
             except Exception:
                 log.failure("re-evaluating a client-side stream of {env} failed", env=env.id)
                 continue
@@ -229,11 +262,13 @@ class Streams:
             if old is None:
                 self.hub.publish(topic, self._put(state))
                 continue
-            for key, entry in new.items():
+            for key in (new if changed is None else sorted(k for k in changed if k in new)):
+                entry = new[key]
                 before = old.get(key)
                 if before is None or _signature(before) != _signature(entry):
                     self.hub.publish(topic, _frame("patch", dict({"key": key}, **entry)))
-            for key, before in old.items():
+            for key, before in (old.items() if changed is None else
+                                [(k, old[k]) for k in sorted(changed) if k in old]):
                 if key not in new:
                     item = env.item("flags", key)
                     version = item.version if item is not None and item.version > before["version"] \

@@ -28,6 +28,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 
 from relayd import __version__
 from relayd.config import LaunchDarklyConfig, LaunchDarklyEnvConfig
@@ -303,8 +304,10 @@ class EnvironmentStream(Service):
 class GoalsProxy:
     """``/sdk/goals/{envId}`` for the JavaScript SDK: fetched from ``client_side_base_url`` as ld-relay proxies it.
 
-    Answers are cached for ``ttl`` per environment so a page-load herd makes one upstream request; when the
-    vendor cannot be reached the last answer is served, or 503 when there is none.
+    Answers are cached for ``ttl`` per environment, and concurrent requests for one environment share one
+    upstream fetch, so a page-load herd makes one upstream request; ``timeout`` (on the injected clock) covers
+    the whole fetch, body included. When the vendor cannot be reached the last answer is served, or 503 when
+    there is none.
     """
 
     def __init__(self, base_url: str, *, clock: IReactorTime, http: Any = None, ttl: float = 60.0,
@@ -317,20 +320,39 @@ class GoalsProxy:
             http, _ = http_client(clock)
         self.http = http
         self._cache: dict[str, tuple[float, int, bytes]] = {}
+        self._waiting: dict[str, list[Deferred[tuple[int, bytes]]]] = {}
 
     async def fetch(self, env_id: str) -> tuple[int, bytes]:
         cached = self._cache.get(env_id)
         if cached is not None and self.clock.seconds() - cached[0] < self.ttl:
             return cached[1], cached[2]
-        try:
-            response = await self.http.get(f"{self.base_url}/sdk/goals/{env_id}", timeout=self.timeout,
-                                           headers={"User-Agent": USER_AGENT})
-            body = await response.content()
-        except Exception as e:  # network: serve the last answer rather than fail the page
-            log.warn("goals for {env} not fetched: {error}", env=env_id, error=str(e) or type(e).__name__)
+        answer: Deferred[tuple[int, bytes]] = Deferred()
+        waiting = self._waiting.get(env_id)
+        if waiting is not None:
+            waiting.append(answer)
+        else:
+            self._waiting[env_id] = [answer]
+            run = Deferred.fromCoroutine(self._fetch(env_id))
+            run.addTimeout(self.timeout, self.clock)
+            run.addBoth(self._answer, env_id)
+        return await answer
+
+    async def _fetch(self, env_id: str) -> tuple[int, bytes]:
+        response = await self.http.get(f"{self.base_url}/sdk/goals/{env_id}", headers={"User-Agent": USER_AGENT})
+        body = await response.content()
+        return int(response.code), body
+
+    def _answer(self, result: tuple[int, bytes] | Failure, env_id: str) -> None:
+        cached = self._cache.get(env_id)
+        if isinstance(result, Failure):  # network or timeout: serve the last answer rather than fail the page
+            error = result.value
+            log.warn("goals for {env} not fetched: {error}", env=env_id,  # noqa: G010
+                     error=str(error) or type(error).__name__)
             if cached is not None:
-                return cached[1], cached[2]
-            return 503, b'{"message":"goals are not available from LaunchDarkly right now"}'
-        if response.code == 200:
-            self._cache[env_id] = (self.clock.seconds(), response.code, body)
-        return response.code, body
+                result = cached[1], cached[2]
+            else:
+                result = 503, b'{"message":"goals are not available from LaunchDarkly right now"}'
+        elif result[0] == 200:
+            self._cache[env_id] = (self.clock.seconds(), result[0], result[1])
+        for waiter in self._waiting.pop(env_id, []):
+            waiter.callback(result)
