@@ -38,6 +38,8 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from relayd.httpclient import http_client
 from relayd.logs import Logger
 
+MIN_RETRY_DELAY = 0.1  # seconds: the lowest base delay an upstream's "retry:" field can set
+
 __all__ = [
     "ERROR_RESPONSE",
     "INVALID_DATA",
@@ -635,7 +637,8 @@ class SSEClient(Service):
         if retry is not None:
             # The server's retry: is the new base delay (and, as in LaunchDarkly's clients,
             # starts the backoff over).
-            self._base_delay = retry / 1000.0
+            # A floor keeps a server that says "retry: 0" and then closes at once from being hammered.
+            self._base_delay = max(retry / 1000.0, MIN_RETRY_DELAY)
             self._retry_count = 0
         for event in events:
             try:

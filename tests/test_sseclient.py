@@ -346,6 +346,16 @@ def test_retry_field_sets_new_base_delay():
     assert call.getTime() - h.clock.seconds() == 10.0
 
 
+def test_retry_zero_cannot_make_a_tight_reconnect_loop():
+    h = Harness(rand=0.0)
+    h.client.startService()
+    r = h.last.respond()
+    r.send(b"retry: 0\n\n")
+    r.end()
+    (call,) = h.clock.getDelayedCalls()
+    assert call.getTime() - h.clock.seconds() == pytest.approx(0.1)
+
+
 def test_unrecoverable_status_stops_until_restart():
     h = Harness()
     h.client.startService()
