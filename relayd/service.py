@@ -109,15 +109,24 @@ def make_service(config: Config, reactor: Any) -> Relayd:
     else:
         configured_environments(store, config.launchdarkly)
 
+    # Until the sources have listed the environments (the Harness SaaS's first sync, a Redis reader's first
+    # load), an unknown key may just not be known yet: the SDK APIs answer 503, which SDKs retry, not 401.
+    ready_checks: list[Callable[[], bool]] = []
+    if harness_upstream is not None:
+        ready_checks.append(harness_upstream.ready)
+
+    def ready() -> bool:
+        return all(check() for check in ready_checks)
+
     health = HealthAPI(store, reactor, config.launchdarkly.disconnected_status_time)
     admin = AdminAPI(store, hub, reactor)
     launchdarkly = LaunchDarklyAPI(store, hub, reactor, ld_events, offline=config.offline, goals=goals,
-                                   max_event_body=config.relayd.max_body)
+                                   max_event_body=config.relayd.max_body, ready=ready)
     harness = HarnessAPI(store, hub, reactor, make_secret(config.relayd.auth_secret), metrics=harness_metrics,
                          on_target=None if harness_upstream is None else
                          lambda env_id, target: harness_upstream.register_target(env_id, target_json(target)),
                          prometheus_text=admin.prometheus_text,
-                         ready=harness_upstream.ready if harness_upstream is not None else lambda: True)
+                         ready=ready)
     site = RelaydSite(build_router([(health.segments, health.resource()),
                                     (launchdarkly.segments, launchdarkly.resource()),
                                     (harness.segments, harness.resource())]),
@@ -136,6 +145,8 @@ def make_service(config: Config, reactor: Any) -> Relayd:
             log.info("Redis reader: serving what the writer relayd shares, no vendor connections")
         mirror = redis_service(store, config.redis, reactor)
         mirror.setServiceParent(top)
+        if isinstance(mirror, RedisReader):
+            ready_checks.append(lambda: mirror.synced)
         if config.redis.role == "reader" or harness_upstream is not None:
             # Harness SDK metrics posted to readers reach the SaaS through the writer's forwarder
             link = mirror.commands if isinstance(mirror, RedisReader) else cast(RedisWriter, mirror).link

@@ -722,3 +722,26 @@ def test_stream_logs_do_not_carry_context_attributes(relay: Relay) -> None:
     finally:
         globalLogPublisher.removeObserver(observer)
     assert logged and not [line for line in logged if "dana@example.com" in line]
+
+
+def test_unknown_keys_get_503_until_the_environment_list_is_loaded() -> None:
+    """A Redis reader starting up has no environments yet: SDKs must retry (503), not give up (401/404)."""
+    clock = Clock()
+    store = Store(clock)
+    loaded = [False]
+    stub = StubTreq(LaunchDarklyAPI(store, SSEHub(clock), clock, DiscardEvents(), ready=lambda: loaded[0])
+                    .resource())
+
+    def call(path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        out: list[tuple[int, bytes]] = []
+        stub.get(f"http://relay{path}", headers=headers).addCallback(
+            lambda r: r.content().addCallback(lambda b: out.append((r.code, b))))
+        stub.flush()
+        return out[0]
+
+    assert call("/sdk/latest-all", {"Authorization": LD_SDK_KEY}) == (
+        503, b"Relay Proxy is not yet fully initialized, does not have list of environments yet")
+    assert call(f"/sdk/evalx/{LD_ENV_ID}/contexts/{b64(ALICE)}", {})[0] == 503
+    loaded[0] = True
+    assert call("/sdk/latest-all", {"Authorization": LD_SDK_KEY})[0] == 401
+    assert call(f"/sdk/evalx/{LD_ENV_ID}/contexts/{b64(ALICE)}", {})[0] == 404

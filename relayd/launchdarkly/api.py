@@ -45,6 +45,7 @@ TEXT = b"text/plain; charset=utf-8"
 UNKNOWN_CREDENTIAL = "Relay Proxy does not recognize the client credential (missing or invalid Authorization header)"
 UNKNOWN_ENV_ID = "URL did not contain an environment ID"
 CLIENT_NOT_INITIALIZED = "client was not initialized"
+NOT_FULLY_INITIALIZED = "Relay Proxy is not yet fully initialized, does not have list of environments yet"
 EMPTY_KEY = "User must have a 'key' attribute"
 BAD_BASE64 = "context part of URL path did not decode as valid base64"
 BAD_PATH_CONTEXT = "context part of URL path did not decode to valid evaluation context as JSON"
@@ -222,8 +223,10 @@ class LaunchDarklyAPI:
                 "events", "a")
 
     def __init__(self, store: Store, hub: SSEHub, clock: IReactorTime, events: EventSink, *,
-                 offline: bool = False, max_event_body: int = 10 * 1024 * 1024, goals: Any = None) -> None:
+                 offline: bool = False, max_event_body: int = 10 * 1024 * 1024, goals: Any = None,
+                 ready: Callable[[], bool] = lambda: True) -> None:
         self.goals = goals  # a GoalsProxy online, None offline
+        self.ready = ready  # False while the environment list is still being loaded (a Redis reader starting)
         self.store = store
         self.hub = hub
         self.clock = clock
@@ -253,6 +256,13 @@ class LaunchDarklyAPI:
             raise HTTPError(401)
         return value
 
+    def _unknown(self, code: int, message: str) -> HTTPError:
+        """An unknown credential; but before the environment list is loaded it may just not be known yet, and
+        SDKs give up for good on 401/404 while they retry a 503 (ld-relay's answer before auto-config)."""
+        if not self.ready():
+            return HTTPError(503, NOT_FULLY_INITIALIZED, content_type=TEXT)
+        return HTTPError(code, message, content_type=TEXT)
+
     @staticmethod
     def _started(env: Environment) -> Environment:
         """ld-relay has no SDK client for an environment during its first init_timeout: 503, SDKs retry."""
@@ -263,20 +273,20 @@ class LaunchDarklyAPI:
     def _sdk_env(self, request: IRequest) -> Environment:
         env = self.credentials.by_sdk_key(self._key(request))
         if env is None:
-            raise HTTPError(401, UNKNOWN_CREDENTIAL, content_type=TEXT)
+            raise self._unknown(401, UNKNOWN_CREDENTIAL)
         return self._started(env)
 
     def _mobile_env(self, request: IRequest) -> Environment:
         env = self.credentials.by_mobile_key(self._key(request))
         if env is None:
-            raise HTTPError(401, UNKNOWN_CREDENTIAL, content_type=TEXT)
+            raise self._unknown(401, UNKNOWN_CREDENTIAL)
         return self._started(env)
 
     def _js_env(self, request: IRequest, env_id: str, methods: str) -> Environment:
         """The environment of a JS route, with the CORS headers of 1.6 already set."""
         env = self.credentials.by_env_id(env_id)
         if env is None:
-            raise HTTPError(404, UNKNOWN_ENV_ID, content_type=TEXT)
+            raise self._unknown(404, UNKNOWN_ENV_ID)
         self._started(env)
         allowed = _words(env.meta.get("allowed_origin"))
         origin = header(request, "origin")
