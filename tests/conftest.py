@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import shutil
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +26,20 @@ def offline_dir(tmp_path: Path) -> Path:
     target = tmp_path / "offline"
     shutil.copytree(SAMPLE, target)
     return target
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 3.0, step: float = 0.01) -> float:
+    """Wait on the real reactor until ``predicate()`` is true; the seconds it took, AssertionError after
+    ``timeout``."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await deferLater(reactor, step, lambda: None)
+    return time.monotonic() - start
 
 
 def free_port() -> int:

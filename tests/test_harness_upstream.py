@@ -21,7 +21,12 @@ from twisted.internet.threads import deferToThread
 from relayd.config import HarnessConfig
 from relayd.harness import offline as harness_offline
 from relayd.harness.api import HarnessAPI
-from relayd.harness.directory import AdminDirectory, ListedEnvironment, find_environment, listed_environment
+from relayd.harness.directory import (
+    AdminDirectory,
+    ListedEnvironment,
+    find_environment,
+    listed_environment,
+)
 from relayd.harness.metrics import MetricsBuffer
 from relayd.harness.upstream import (
     HarnessUpstream,
@@ -37,6 +42,7 @@ from relayd.health import HealthAPI
 from relayd.sse import SSEHub
 from relayd.sseclient import StreamError
 from relayd.store import INTERRUPTED, OFF, VALID, Item, Store
+from tests.conftest import eventually
 from tests.doubles.harness_saas import HarnessSaaS, flag, segment
 from tests.test_sseclient import FakeHTTP
 
@@ -171,15 +177,6 @@ def test_directory_waiter_cancelled_leaves_the_pass_to_the_others():
 
 # ---------------------------------------------------------------------------------------------- loopback
 
-
-def eventually(cond: Callable[[], Any], timeout: float = 3.0) -> defer.Deferred[None]:
-    async def wait() -> None:
-        deadline = reactor.seconds() + timeout
-        while not cond():
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s")
-            await task.deferLater(reactor, 0.01, lambda: None)
-    return defer.ensureDeferred(wait())
 
 
 def health(store: Store) -> dict[str, str]:
@@ -752,8 +749,13 @@ async def test_real_sdk_through_relayd_sees_changes_and_metrics_arrive_once(saas
     import time
 
     from featureflags.client import CfClient
-    from featureflags.config import with_analytics_enabled, with_base_url, with_events_url, with_pull_interval, \
-        with_stream_enabled
+    from featureflags.config import (
+        with_analytics_enabled,
+        with_base_url,
+        with_events_url,
+        with_pull_interval,
+        with_stream_enabled,
+    )
     from featureflags.evaluations.auth_target import Target
 
     from relayd.config import Config, RelaydConfig

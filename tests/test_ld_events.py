@@ -25,6 +25,7 @@ from relayd.launchdarkly.events import (
     is_diagnostic,
 )
 from relayd.store import Store
+from tests.conftest import eventually
 from tests.doubles.ld_upstream import MOBILE_KEY, SDK_KEY, LDUpstreamDouble
 
 ENV_ID = "5f0c0ffee0ddba11c0ffee02"
@@ -67,14 +68,6 @@ class Rig:
         if self.pool is not None:
             await self.pool.closeCachedConnections()
 
-
-async def until(predicate: Any, timeout: float = 3.0) -> None:
-    waited = 0.0
-    while not predicate():
-        if waited > timeout:
-            raise AssertionError("condition not reached")
-        await task.deferLater(reactor, 0.005, lambda: None)
-        waited += 0.005
 
 
 def ev(n: int) -> dict:
@@ -128,7 +121,7 @@ async def test_batched_per_path_schema_and_tags_with_headers(double: LDUpstreamD
         await task.deferLater(reactor, 0.02, lambda: None)
         assert double.events == []  # nothing before the flush interval
         rig.clock.advance(0.1)
-        await until(lambda: fwd.posted == 6)
+        await eventually(lambda: fwd.posted == 6)
         assert fwd.queued == 0 and len(double.events) == 6
         by_key = {(r.path, r.headers.get("x-launchdarkly-tags"), r.body): r for r in double.events}
         posts = {(r.path, r.headers.get("x-launchdarkly-tags")): r for r in double.events
@@ -170,14 +163,14 @@ async def test_retry_once_after_one_second_on_recoverable_status(double: LDUpstr
     d = rig.forwarder
     d.accept(rig.env, "/bulk", payload(ev(1)), {"X-LaunchDarkly-Event-Schema": "4"})
     done = d.flush()
-    await until(lambda: len(double.events) == 1)
+    await eventually(lambda: len(double.events) == 1)
     await task.deferLater(reactor, 0.02, lambda: None)
     if retried:
         rig.clock.advance(0.99)
         await task.deferLater(reactor, 0.02, lambda: None)
         assert len(double.events) == 1
         rig.clock.advance(0.01)
-        await until(lambda: len(double.events) == 2)
+        await eventually(lambda: len(double.events) == 2)
         a, b = double.events
         assert a.body == b.body and a.headers["x-launchdarkly-payload-id"] == b.headers["x-launchdarkly-payload-id"]
         await done
@@ -197,7 +190,7 @@ async def test_second_failure_drops_payload(double: LDUpstreamDouble):
     d = rig.forwarder
     d.accept(rig.env, "/bulk", payload(ev(1)), {})
     done = d.flush()
-    await until(lambda: len(double.events) == 1)
+    await eventually(lambda: len(double.events) == 1)
     await task.deferLater(reactor, 0.02, lambda: None)
     rig.clock.advance(1.0)
     await done

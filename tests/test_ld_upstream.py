@@ -28,6 +28,7 @@ from relayd.sseclient import (
     StreamError,
 )
 from relayd.store import INTERRUPTED, OFF, VALID, Change, Item, Store
+from tests.conftest import eventually
 from tests.doubles.ld_upstream import SDK_KEY, LDUpstreamDouble, make_flag
 
 # ---------------------------------------------------------------------------------------------- pure parsing
@@ -93,14 +94,6 @@ def test_environment_for_ids_meta_and_reuse():
 # ---------------------------------------------------------------------------------------------- loopback
 
 
-async def until(predicate: Any, timeout: float = 3.0) -> None:
-    waited = 0.0
-    while not predicate():
-        if waited > timeout:
-            raise AssertionError("condition not reached")
-        await task.deferLater(reactor, 0.005, lambda: None)
-        waited += 0.005
-
 
 @pytest.fixture
 def double():
@@ -159,7 +152,7 @@ async def test_put_patch_delete_into_store_with_version_checks(double: LDUpstrea
     rig.stream.startService()
     try:
         assert rig.env.meta["init_pending"] is True
-        await until(lambda: ready.called)
+        await eventually(lambda: ready.called)
         assert ready.result is True and "init_pending" not in rig.env.meta
         headers = double.stream_requests[0]
         assert headers["authorization"] == SDK_KEY  # raw key, no prefix
@@ -168,13 +161,13 @@ async def test_put_patch_delete_into_store_with_version_checks(double: LDUpstrea
         assert rig.env.get("flags", "f1") == make_flag("f1", 1)
 
         double.set_flag(make_flag("f1", 2, on=False))
-        await until(lambda: rig.env.item("flags", "f1").version == 2)
+        await eventually(lambda: rig.env.item("flags", "f1").version == 2)
         double.push("patch", {"path": "/flags/f1", "data": make_flag("f1", 1)})  # older: ignored
         double.push("patch", {"path": "/flags/f1", "data": make_flag("f1", 2)})  # same version: ignored
         double.delete_flag("f2", 5)
         double.push("patch", {"path": "/flags/f2", "data": make_flag("f2", 4)})  # must not resurrect it
         double.push("patch", {"path": "/segments/s1", "data": {"key": "s1", "version": 1, "included": ["u"]}})
-        await until(lambda: rig.env.get("segments", "s1") is not None)
+        await eventually(lambda: rig.env.get("segments", "s1") is not None)
         assert rig.env.get("flags", "f1")["on"] is False
         assert rig.env.item("flags", "f2") == Item(5, None)
         assert rig.item_changes() == [
@@ -189,11 +182,11 @@ async def test_dropped_stream_reconnect_loses_nothing_applies_nothing_twice(doub
     rig = Rig(double)
     rig.stream.startService()
     try:
-        await until(lambda: rig.env.initialized)
+        await eventually(lambda: rig.env.initialized)
         double.set_flag(make_flag("f1", 2))
-        await until(lambda: rig.env.item("flags", "f1").version == 2)
+        await eventually(lambda: rig.env.item("flags", "f1").version == 2)
         double.drop_streams(mid_event=True)  # half an event, then the connection is cut
-        await until(lambda: rig.stream.client.state == "waiting")
+        await eventually(lambda: rig.stream.client.state == "waiting")
         assert rig.env.status.state == INTERRUPTED and rig.env.status.error_kind == NETWORK_ERROR
         assert rig.env.get("flags", "half-sent") is None and rig.env.item("flags", "half-sent") is None
         # while disconnected: f2 changes, f3 appears, f1 is deleted upstream
@@ -203,7 +196,7 @@ async def test_dropped_stream_reconnect_loses_nothing_applies_nothing_twice(doub
         before = len(rig.changes)
         assert rig.next_retry_delay() == 1.0
         rig.clock.advance(1.0)
-        await until(lambda: rig.env.item("flags", "f3") is not None)
+        await eventually(lambda: rig.env.item("flags", "f3") is not None)
         replace = rig.changes[before:]
         assert [c.op for c in replace if c.op != "status"] == ["replace"]
         assert sorted(rig.item_changes()[-3:]) == [
@@ -215,7 +208,7 @@ async def test_dropped_stream_reconnect_loses_nothing_applies_nothing_twice(doub
         double.put()
         double.push("patch", {"path": "/flags/f3", "data": make_flag("f3", 1)})  # duplicate: not applied
         double.push("patch", {"path": "/flags/f4", "data": make_flag("f4", 1)})
-        await until(lambda: rig.env.item("flags", "f4") is not None)
+        await eventually(lambda: rig.env.item("flags", "f4") is not None)
         assert rig.item_changes()[n:] == [("upsert", "flags", "f4", 1)]
         assert len(double.stream_requests) == 2
     finally:
@@ -228,7 +221,7 @@ async def test_401_is_off_in_status_without_retry(double: LDUpstreamDouble):
     ready = rig.stream.ready()
     rig.stream.startService()
     try:
-        await until(lambda: ready.called)
+        await eventually(lambda: ready.called)
         assert ready.result is False
         assert rig.env.status.state == OFF and rig.env.status.error_kind == ERROR_RESPONSE
         assert rig.env.meta["init_failed"] is True and "init_pending" not in rig.env.meta
@@ -253,25 +246,25 @@ async def test_recoverable_status_backs_off_then_interrupted_after_data(double: 
     rig.stream.startService()
     try:
         for n, expected in enumerate([1.0, 2.0, 4.0], start=1):
-            await until(lambda n=n: len(double.stream_requests) == n and rig.stream.client.state == "waiting")
+            await eventually(lambda n=n: len(double.stream_requests) == n and rig.stream.client.state == "waiting")
             assert rig.next_retry_delay() == expected
             # before any data too, a recoverable failure is INTERRUPTED with the error recorded
             assert rig.env.status.state == INTERRUPTED and rig.env.status.error_kind == ERROR_RESPONSE
             assert (await rig.status())["connectionStatus"]["state"] == "INTERRUPTED"
             assert (await rig.status())["status"] == "disconnected"  # never had data
             rig.clock.advance(expected)
-        await until(lambda: rig.env.initialized)
+        await eventually(lambda: rig.env.initialized)
         assert rig.env.status.state == VALID and (await rig.status())["status"] == "connected"
         # after data an outage is INTERRUPTED; the good connection lasted < 60 s, so the retry count goes on
         double.stream_faults = [code, code, code]
         double.drop_streams()
-        await until(lambda: rig.stream.client.state == "waiting")
+        await eventually(lambda: rig.stream.client.state == "waiting")
         assert rig.env.status.state == INTERRUPTED and rig.env.status.error_kind == NETWORK_ERROR
         interrupted_at = rig.clock.seconds()
         assert rig.next_retry_delay() == 8.0
         for n, expected in [(5, 16.0), (6, 30.0), (7, 30.0)]:
             rig.clock.advance(rig.next_retry_delay())
-            await until(lambda n=n: len(double.stream_requests) == n and rig.stream.client.state == "waiting")
+            await eventually(lambda n=n: len(double.stream_requests) == n and rig.stream.client.state == "waiting")
             assert rig.next_retry_delay() == expected
         status = await rig.status()
         assert status["connectionStatus"]["state"] == "INTERRUPTED"
@@ -282,7 +275,7 @@ async def test_recoverable_status_backs_off_then_interrupted_after_data(double: 
         rig.clock.advance(6.0)
         assert (await rig.status())["status"] == "disconnected"
         rig.clock.advance(24.0)
-        await until(lambda: rig.env.status.state == VALID)
+        await eventually(lambda: rig.env.status.state == VALID)
         assert (await rig.status())["status"] == "connected" and len(double.stream_requests) == 8
     finally:
         await rig.stop()
@@ -294,11 +287,11 @@ async def test_malformed_json_reconnects_with_invalid_data(double: LDUpstreamDou
     double.stream_faults = ["malformed"]
     rig.stream.startService()
     try:
-        await until(lambda: rig.stream.client.state == "waiting")
+        await eventually(lambda: rig.stream.client.state == "waiting")
         assert rig.env.status.error_kind == INVALID_DATA and not rig.env.initialized
-        await until(lambda: not double.streams[0].open)  # relayd closed the bad stream
+        await eventually(lambda: not double.streams[0].open)  # relayd closed the bad stream
         rig.clock.advance(rig.next_retry_delay())
-        await until(lambda: rig.env.initialized)
+        await eventually(lambda: rig.env.initialized)
         assert rig.env.status.state == VALID and len(double.stream_requests) == 2
         assert rig.env.status.error_kind == INVALID_DATA  # lastError stays until the next error
     finally:
@@ -311,15 +304,15 @@ async def test_stall_past_read_timeout_reconnects(double: LDUpstreamDouble):
     double.stream_faults = ["stall"]
     rig.stream.startService()
     try:
-        await until(lambda: len(double.streams) == 1 and rig.stream.client.state == "connected")
+        await eventually(lambda: len(double.streams) == 1 and rig.stream.client.state == "connected")
         rig.clock.advance(299.0)
         await task.deferLater(reactor, 0.01, lambda: None)
         assert double.streams[0].open
         rig.clock.advance(1.0)
-        await until(lambda: not double.streams[0].open)
+        await eventually(lambda: not double.streams[0].open)
         assert rig.env.status.error_kind == NETWORK_ERROR
         rig.clock.advance(rig.next_retry_delay())
-        await until(lambda: rig.env.initialized)
+        await eventually(lambda: rig.env.initialized)
     finally:
         await rig.stop()
 
@@ -331,14 +324,14 @@ async def test_init_timeout_then_data_later(double: LDUpstreamDouble):
     ready, first = rig.stream.ready(), rig.stream.first_data()
     rig.stream.startService()
     try:
-        await until(lambda: len(double.streams) == 1)
+        await eventually(lambda: len(double.streams) == 1)
         assert rig.env.meta.get("init_pending") is True
         rig.clock.advance(10.0)
         assert ready.called and ready.result is False
         assert "init_pending" not in rig.env.meta and "init_failed" not in rig.env.meta
         assert not first.called and not rig.env.initialized
         double.put()
-        await until(lambda: first.called)
+        await eventually(lambda: first.called)
         assert rig.env.initialized and rig.env.status.state == VALID
         assert rig.stream.ready().result is False  # init is over; the outcome does not change
     finally:
@@ -349,9 +342,9 @@ async def test_init_timeout_then_data_later(double: LDUpstreamDouble):
 async def test_stop_closes_stream_and_timers(double: LDUpstreamDouble):
     rig = Rig(double)
     rig.stream.startService()
-    await until(lambda: rig.env.initialized)
+    await eventually(lambda: rig.env.initialized)
     await rig.stop()
-    await until(lambda: not double.open_streams())
+    await eventually(lambda: not double.open_streams())
     assert rig.clock.getDelayedCalls() == []
     rig.clock.advance(100)
     await task.deferLater(reactor, 0.01, lambda: None)

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from relayd.config import loads
 from relayd.service import make_service
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port
 from tests.doubles.ld_upstream import SDK_KEY, LDUpstreamDouble, make_flag
 
 ldclient = pytest.importorskip("ldclient")
@@ -38,13 +38,6 @@ def wait_for(check: Callable[[], bool], timeout: float) -> float:
         time.sleep(0.01)
     raise AssertionError(f"not within {timeout}s")
 
-
-async def until(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
@@ -69,7 +62,7 @@ env_id = 5f0c0ffee0ddba11c0ffee09
     base = f"http://127.0.0.1:{port}"
     client: LDClient | None = None
     try:
-        await until(lambda: service.store.environment("launchdarkly", "Production").initialized)
+        await eventually(lambda: service.store.environment("launchdarkly", "Production").initialized, timeout=5.0)
         env = service.store.environment("launchdarkly", "Production")
         assert double.stream_requests[0]["authorization"] == SDK_KEY
 
@@ -104,7 +97,7 @@ env_id = 5f0c0ffee0ddba11c0ffee09
         def custom_arrived() -> bool:
             return any(e.get("kind") == "custom" for r in double.events if r.path == "/bulk" for e in r.json())
 
-        await until(lambda: custom_arrived() and any(r.path == "/diagnostic" for r in double.events))
+        await eventually(lambda: custom_arrived() and any(r.path == "/diagnostic" for r in double.events), timeout=5.0)
         bulk = [r for r in double.events if r.path == "/bulk"]
         events = [e for r in bulk for e in r.json()]
         kinds = {e["kind"] for e in events}

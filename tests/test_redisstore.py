@@ -19,10 +19,17 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from relayd.config import RedisConfig
 from relayd.health import HealthAPI
-from relayd.redisstore import RedisLink, RedisReader, RedisWriter, follows_redis, parse_url, redis_service
+from relayd.redisstore import (
+    RedisLink,
+    RedisReader,
+    RedisWriter,
+    follows_redis,
+    parse_url,
+    redis_service,
+)
 from relayd.store import INTERRUPTED, VALID, Change, Item, ItemChange, Store
 
-from .conftest import free_port
+from .conftest import eventually, free_port
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (CI installs it: "
@@ -90,15 +97,6 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
         for server in servers:
             server.stop()
 
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 3.0) -> float:
-    """Wait until ``predicate()`` is true; returns the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not true after {timeout} s")
-        await deferLater(reactor, 0.01, lambda: None)
-    return time.monotonic() - start
 
 
 def flags(**versions: int) -> dict[str, Item]:
